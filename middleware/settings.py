@@ -1,0 +1,42 @@
+"""Settings of the scheduler, client and gateway processes (``ALIGNQ_`` environment variables)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class SchedulerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALIGNQ_", env_nested_delimiter="__", extra="ignore")
+
+    redis_url: str | None = Field(default=None, description="Redis URL (redis://, rediss:// for TLS); none: embedded")
+    namespace: str = Field(default="alignq", description="Prefix of every Redis key and stream")
+    max_window: int = Field(default=16, ge=1, description="Max prompts in one scheduling window")
+    window_ms: int = Field(default=50, ge=0, description="Window closes this long (ms) after its first prompt")
+    default_budget: int = Field(default=16, ge=1, description="Samples per prompt when a request sets none")
+    max_budget: int = Field(default=256, ge=1, description="Largest budget a request may ask for")
+    explore_fraction: float = Field(default=0.75, gt=0, le=1, description="Share of each budget spent exploring (d = f·B)")
+    allocator: str = Field(default="adabon", description="Stage-2 allocator (see middleware.allocation)")
+    max_new_tokens: int = Field(default=64, ge=1, description="Tokens per sample when a request sets none")
+    temperature: float = Field(default=0.8, ge=0, description="Sampling temperature when a request sets none")
+    top_p: float = Field(default=0.95, gt=0, le=1, description="Nucleus sampling when a request sets none")
+    max_prompt_chars: int = Field(default=8_000, ge=1, description="Longer prompts get a bad_request error")
+    max_pending: int = Field(default=10_000, ge=1, description="Accepted-but-unanswered requests before submit fails")
+    claim_idle_ms: int = Field(default=15_000, ge=100, description="Reclaim requests idle this long (ms) from dead schedulers")
+    heartbeat_ms: int = Field(default=2_000, ge=50, description="Heartbeat and lease-renewal period (ms)")
+    max_deliveries: int = Field(default=3, ge=1, description="Deliveries of a request before it is dead-lettered")
+    result_ttl_s: int = Field(default=3_600, ge=1, description="How long results and events are kept (s)")
+    log_level: str = Field(default="INFO", description="Logging level")
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALIGNQ_", env_nested_delimiter="__", extra="ignore")
+
+    redis_url: str | None = Field(default=None, description="Redis URL (redis://, rediss:// for TLS)")
+    namespace: str = Field(default="alignq", description="Prefix of every Redis key and stream")
+    host: str = Field(default="127.0.0.1", description="Gateway bind address")
+    port: int = Field(default=8000, ge=0, le=65535, description="Gateway port")
+    api_keys: list[str] = Field(default_factory=list, description="Accepted bearer keys (JSON list); empty: no auth")
+    request_timeout_s: float = Field(default=300.0, gt=0, description="Longest a gateway call waits for a result (s)")
+    max_pending: int = Field(default=10_000, ge=1, description="Accepted-but-unanswered requests before 429")
+    log_level: str = Field(default="INFO", description="Logging level")
