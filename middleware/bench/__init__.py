@@ -1,0 +1,1 @@
+"""Benchmarks behind ``alignq bench``. Modules here import ``workers`` (torch) only inside ``run``."""
