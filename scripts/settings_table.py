@@ -1,0 +1,39 @@
+"""Print the README's configuration table from the settings classes (``python scripts/settings_table.py``).
+
+tests/unit/test_readme.py checks the README holds exactly this table.
+"""
+
+from __future__ import annotations
+
+import json
+
+from middleware.settings import GatewaySettings, SchedulerSettings
+from workers.settings import WorkerSettings
+
+SETTINGS_CLASSES = {"scheduler": SchedulerSettings, "worker": WorkerSettings, "gateway": GatewaySettings}
+
+
+def settings_rows() -> list[tuple[str, str, str, str]]:
+    """(env var, default, processes, description) for every field, one row per env var."""
+    rows: dict[str, list[str]] = {}
+    for role, cls in SETTINGS_CLASSES.items():
+        for name, field in cls.model_fields.items():
+            env = f"ALIGNQ_{name.upper()}"
+            default = field.get_default(call_default_factory=True)
+            default_text = "—" if default is None else json.dumps(default) if not isinstance(default, str) else default
+            if env in rows:
+                rows[env][2] += f", {role}"
+            else:
+                rows[env] = [env, default_text, role, field.description or ""]
+    return [tuple(row) for row in sorted(rows.values())]  # type: ignore[misc]
+
+
+def render_table() -> str:
+    lines = ["| variable | default | used by | meaning |", "| --- | --- | --- | --- |"]
+    for env, default, roles, description in settings_rows():
+        lines.append(f"| `{env}` | `{default}` | {roles} | {description} |".replace("`—`", "—"))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render_table())
