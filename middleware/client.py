@@ -1,0 +1,407 @@
+"""Async Python SDK: publish prompts to alignq over Redis and wait for their aligned answers.
+
+Talks to the scheduler only through Redis (names from ``schemas.Keys``), so it is cheap to embed in
+a chatbot backend: no torch, no worker code.
+
+    async with Client("redis://127.0.0.1:6379/0") as client:
+        request_id = await client.submit("Write a haiku about queues", budget=16)
+        result = await client.result(request_id, timeout_s=60)
+        async for event in client.stream("Explain KV caches", method="uniform"):
+            print(event.kind, event.data)
+
+Submit is one Lua script per request (``SUBMIT_LUA``): if fewer than ``max_pending`` requests are
+accepted-but-unanswered it ZADDs the request to ``keys.pending_requests`` and XADDs it to
+``keys.requests``, atomically; otherwise nothing is written and the client raises ``Overloaded``.
+The script is idempotent on ``request_id``, so a submit retried after a dropped connection never
+queues a request twice.
+
+Errors (all ``middleware.errors.ClientError``):
+
+    ClientError
+    ├── BadRequest              the request fails validation; nothing was sent
+    ├── Overloaded              max_pending reached; retry after ``retry_after_s``
+    ├── RequestFailed           the request was answered with an error result (``.result``)
+    ├── ResultTimeout           no answer within ``timeout_s``
+    ├── RequestLost             Redis no longer knows the request: no result, no events, not pending
+    │                           (e.g. Redis restarted without persistence, or the id is unknown)
+    └── ConnectionLost          Redis unreachable for longer than ``reconnect_timeout_s``
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Self
+
+import redis.asyncio as aioredis
+from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from middleware.errors import ClientError
+from schemas import (
+    DEFAULT_NAMESPACE,
+    PAYLOAD_FIELD,
+    AlignRequest,
+    AlignResult,
+    Event,
+    EventKind,
+    Keys,
+    ResultStatus,
+    SchemaError,
+    decode,
+    encode,
+    now_ms,
+)
+
+__all__ = [
+    "BadRequest",
+    "Client",
+    "ConnectionLost",
+    "Overloaded",
+    "RequestFailed",
+    "RequestLost",
+    "ResultTimeout",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class BadRequest(ClientError):
+    """The request does not validate (empty prompt, budget out of range, unknown field...)."""
+
+
+class Overloaded(ClientError):
+    """``max_pending`` requests are waiting; nothing was queued. Retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, *, retry_after_s: float, num_pending: int = 0,
+                 submitted_ids: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.num_pending = num_pending
+        #: submit_many: ids of the items accepted before the queue filled up (in input order).
+        self.submitted_ids = list(submitted_ids)
+
+
+class RequestFailed(ClientError):
+    """The request was answered with ``status=error``; ``result.error`` says why."""
+
+    def __init__(self, result: AlignResult) -> None:
+        error = result.error
+        detail = f"{error.code.value}: {error.message}" if error else "no error detail"
+        super().__init__(f"request {result.request_id} failed: {detail}")
+        self.result = result
+
+
+class ResultTimeout(ClientError):
+    """No terminal answer within the caller's ``timeout_s`` (the request may still complete)."""
+
+
+class RequestLost(ClientError):
+    """Redis has neither a result, events, nor a pending entry for the request."""
+
+
+class ConnectionLost(ClientError):
+    """Redis could not be reached for longer than ``reconnect_timeout_s``."""
+
+
+# KEYS: pending zset, requests stream, answered marker.  ARGV: max_pending, request_id, now_ms, payload.
+# Returns {status, num_pending, oldest_submitted_ms}: status 1 accepted, 2 already pending or answered
+# (idempotent retry: nothing written), 0 overloaded (nothing written).
+SUBMIT_LUA = """
+local num_pending = redis.call('ZCARD', KEYS[1])
+if redis.call('ZSCORE', KEYS[1], ARGV[2]) or redis.call('EXISTS', KEYS[3]) == 1 then
+  return {2, num_pending, 0}
+end
+if num_pending >= tonumber(ARGV[1]) then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return {0, num_pending, tonumber(oldest[2] or ARGV[3])}
+end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+redis.call('XADD', KEYS[2], '*', 'm', ARGV[4])
+return {1, num_pending + 1, 0}
+"""
+
+_ACCEPTED, _DUPLICATE, _OVERLOADED = 1, 2, 0
+_CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+MIN_RETRY_AFTER_S = 0.25
+MAX_RETRY_AFTER_S = 60.0
+
+
+def estimate_retry_after_s(num_pending: int, max_pending: int, oldest_age_s: float) -> float:
+    """How long until the queue has room, assuming it drains at its recent rate.
+
+    In steady state the oldest pending request has waited about as long as the whole queue takes to
+    turn over, so one slot frees every ``oldest_age_s / num_pending`` seconds; we need
+    ``num_pending - max_pending + 1`` of them. Clamped to [0.25 s, 60 s] so a fresh flood (age near 0)
+    still backs off and a stuck deployment does not tell clients to wait for hours.
+    """
+    if num_pending <= 0:
+        return MIN_RETRY_AFTER_S
+    slots_needed = max(1, num_pending - max_pending + 1)
+    estimate_s = max(0.0, oldest_age_s) / num_pending * slots_needed
+    return min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, estimate_s))
+
+
+class Client:
+    """Async alignq client. Use as ``async with Client(url) as client:``.
+
+    ``redis`` is a URL or an existing ``redis.asyncio.Redis`` (bytes responses; the caller keeps
+    ownership and closes it). ``poll_interval_s`` bounds each blocking read, after which a waiting
+    call checks that Redis still knows the request.
+    """
+
+    def __init__(
+        self,
+        redis: str | aioredis.Redis = "redis://127.0.0.1:6379/0",
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        max_pending: int = 10_000,
+        poll_interval_s: float = 1.0,
+        reconnect_timeout_s: float = 10.0,
+        submit_chunk_size: int = 500,
+    ) -> None:
+        if isinstance(redis, str):
+            self._redis = aioredis.Redis.from_url(redis, decode_responses=False, health_check_interval=30)
+            self._owns_redis = True
+        else:
+            self._redis = redis
+            self._owns_redis = False
+        self.keys = Keys(namespace)
+        self.max_pending = max_pending
+        self.poll_interval_s = poll_interval_s
+        self.reconnect_timeout_s = reconnect_timeout_s
+        self.submit_chunk_size = submit_chunk_size
+        self._submit_script = self._redis.register_script(SUBMIT_LUA)
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        return self._redis
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._owns_redis:
+            await self._redis.aclose()
+
+    # -- submit -----------------------------------------------------------------------------------
+    @staticmethod
+    def build_request(prompt: Any, **fields: Any) -> AlignRequest:
+        """Validate ``prompt`` and AlignRequest ``fields`` locally; BadRequest if they are invalid."""
+        try:
+            return AlignRequest(prompt=prompt, **fields)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "request"
+            raise BadRequest(f"invalid request: {where}: {first.get('msg')}") from e
+        except TypeError as e:  # e.g. prompt passed twice
+            raise BadRequest(f"invalid request: {e}") from e
+
+    async def submit(self, prompt: Any, **fields: Any) -> str:
+        """Queue one prompt; returns its request_id. Raises BadRequest or Overloaded."""
+        return await self.submit_request(self.build_request(prompt, **fields))
+
+    async def submit_request(self, request: AlignRequest) -> str:
+        payload = self._encode(request)
+        reply = await self._with_reconnect(
+            lambda: self._submit_script(keys=self._submit_keys(request.request_id),
+                                        args=[self.max_pending, request.request_id, now_ms(), payload])
+        )
+        self._check_submit_reply(reply)
+        return request.request_id
+
+    async def submit_many(self, items: Sequence[str | dict | AlignRequest]) -> list[str]:
+        """Queue many prompts, one pipelined round trip per ``submit_chunk_size`` items.
+
+        Items are prompts, dicts of AlignRequest fields (with ``prompt``), or AlignRequests. All are
+        validated before anything is sent. If the queue fills up part way, raises Overloaded with
+        ``submitted_ids`` = the ids accepted so far (they stay queued).
+        """
+        requests = [self._as_request(item) for item in items]
+        payloads = [self._encode(request) for request in requests]
+        sha = await self._with_reconnect(self._load_script)
+        submitted_ids: list[str] = []
+        for start in range(0, len(requests), self.submit_chunk_size):
+            chunk = list(zip(requests[start:start + self.submit_chunk_size],
+                             payloads[start:start + self.submit_chunk_size]))
+            replies = await self._with_reconnect(lambda chunk=chunk: self._submit_chunk(sha, chunk))
+            for (request, _), reply in zip(chunk, replies):
+                try:
+                    self._check_submit_reply(reply)
+                except Overloaded as e:
+                    e.submitted_ids = submitted_ids
+                    raise
+                submitted_ids.append(request.request_id)
+        return submitted_ids
+
+    async def _submit_chunk(self, sha: str, chunk: list[tuple[AlignRequest, bytes]]) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for request, payload in chunk:
+                pipe.evalsha(sha, 3, *self._submit_keys(request.request_id),
+                             self.max_pending, request.request_id, now_ms(), payload)
+            replies = await pipe.execute(raise_on_error=False)
+        if any(isinstance(reply, NoScriptError) for reply in replies):  # SCRIPT FLUSH or a Redis restart
+            sha = await self._load_script()
+            return await self._submit_chunk(sha, chunk)  # idempotent: accepted items are duplicates now
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
+    async def _load_script(self) -> str:
+        sha = await self._redis.script_load(SUBMIT_LUA)
+        return sha.decode() if isinstance(sha, bytes) else sha
+
+    def _submit_keys(self, request_id: str) -> list[str]:
+        return [self.keys.pending_requests, self.keys.requests, self.keys.request_claim(request_id)]
+
+    def _check_submit_reply(self, reply: Sequence[Any]) -> None:
+        status, num_pending, oldest_ms = (int(value) for value in reply)
+        if status == _OVERLOADED:
+            retry_after_s = estimate_retry_after_s(num_pending, self.max_pending, (now_ms() - oldest_ms) / 1000)
+            raise Overloaded(
+                f"alignq is overloaded: {num_pending} requests pending (max_pending={self.max_pending}); "
+                f"retry after {retry_after_s:.2f} s",
+                retry_after_s=retry_after_s,
+                num_pending=num_pending,
+            )
+
+    def _as_request(self, item: str | dict | AlignRequest | list) -> AlignRequest:
+        if isinstance(item, AlignRequest):
+            return item
+        if isinstance(item, dict):
+            fields = dict(item)
+            if "prompt" not in fields:
+                raise BadRequest("invalid request: prompt: field required")
+            return self.build_request(fields.pop("prompt"), **fields)
+        return self.build_request(item)
+
+    @staticmethod
+    def _encode(request: AlignRequest) -> bytes:
+        try:
+            return encode(request)
+        except SchemaError as e:
+            raise BadRequest(f"invalid request: {e}") from e
+
+    # -- wait -------------------------------------------------------------------------------------
+    async def get_result(self, request_id: str) -> AlignResult | None:
+        """The stored result, or None if the request is not answered (or its result expired)."""
+        data = await self._with_reconnect(lambda: self._redis.get(self.keys.result(request_id)))
+        return None if data is None else decode(AlignResult, data)
+
+    async def result(self, request_id: str, *, timeout_s: float | None = None,
+                     raise_on_error: bool = True) -> AlignResult:
+        """Wait for the request's answer. RequestFailed on an error result unless ``raise_on_error=False``."""
+        result = await self.get_result(request_id)
+        if result is None:
+            async for event in self.events(request_id, timeout_s=timeout_s):
+                if event.is_terminal:
+                    result = event.result
+        if result is None:  # a terminal event without its result: only a foreign writer does this
+            raise RequestLost(f"request {request_id} ended without a result")
+        if raise_on_error and result.status == ResultStatus.ERROR:
+            raise RequestFailed(result)
+        return result
+
+    async def events(self, request_id: str, *, timeout_s: float | None = None) -> AsyncIterator[Event]:
+        """Every event of the request from the first, in order, ending with the terminal one.
+
+        Raises ResultTimeout after ``timeout_s`` (None: wait as long as the request is alive),
+        RequestLost when Redis no longer knows the request, ConnectionLost when Redis stays down.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        stream = self.keys.events(request_id)
+        last_id = b"0-0"
+        num_missing_checks = 0
+        while True:
+            block_s = self.poll_interval_s
+            if deadline is not None:
+                remaining_s = deadline - time.monotonic()
+                if remaining_s <= 0:
+                    raise ResultTimeout(f"no answer for request {request_id} within {timeout_s} s")
+                block_s = min(block_s, remaining_s)
+            block_ms = max(1, int(block_s * 1000))  # BLOCK 0 would wait forever
+            reply = await self._with_reconnect(
+                lambda last_id=last_id, block_ms=block_ms: self._redis.xread(
+                    {stream: last_id}, count=100, block=block_ms)
+            )
+            entries = reply[0][1] if reply else []
+            for entry_id, fields in entries:
+                last_id = entry_id
+                try:
+                    event = decode(Event, fields[PAYLOAD_FIELD])
+                except (SchemaError, KeyError) as e:
+                    logger.warning("skipping undecodable event request_id=%s entry=%s: %s", request_id, entry_id, e)
+                    continue
+                yield event
+                if event.is_terminal:
+                    return
+            if entries:
+                num_missing_checks = 0
+                continue
+            state = await self._with_reconnect(lambda: self._request_state(request_id))
+            if state == "answered":  # result stored but its events expired or were never written
+                result = await self.get_result(request_id)
+                if result is not None:
+                    kind = EventKind.ERROR if result.status == ResultStatus.ERROR else EventKind.DONE
+                    yield Event(request_id=request_id, kind=kind, result=result)
+                    return
+            elif state == "missing":
+                # Seen twice in a row, a poll apart: not a transient state of a restarting server.
+                num_missing_checks += 1
+                if num_missing_checks >= 2:
+                    raise RequestLost(
+                        f"request {request_id} is unknown to Redis: no result, no events and not pending "
+                        "(Redis lost data, the result expired, or it was never submitted); resubmit it"
+                    )
+            else:
+                num_missing_checks = 0
+
+    async def _request_state(self, request_id: str) -> str:
+        """'answered', 'alive' (pending or has events), or 'missing' — read in one MULTI snapshot."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.exists(self.keys.result(request_id))
+            pipe.exists(self.keys.events(request_id))
+            pipe.zscore(self.keys.pending_requests, request_id)
+            has_result, has_events, pending_score = await pipe.execute()
+        if has_result:
+            return "answered"
+        if has_events or pending_score is not None:
+            return "alive"
+        return "missing"
+
+    async def stream(self, prompt: Any, *, timeout_s: float | None = None, **fields: Any) -> AsyncIterator[Event]:
+        """Submit and yield the request's events until the terminal one."""
+        request_id = await self.submit(prompt, **fields)
+        async for event in self.events(request_id, timeout_s=timeout_s):
+            yield event
+
+    async def align(self, prompt: Any, *, timeout_s: float | None = None, **fields: Any) -> AlignResult:
+        """Submit and wait for the answer."""
+        request_id = await self.submit(prompt, **fields)
+        return await self.result(request_id, timeout_s=timeout_s)
+
+    # -- connection -------------------------------------------------------------------------------
+    async def _with_reconnect(self, call: Any) -> Any:
+        """Run ``call()``; on connection errors retry with backoff for up to ``reconnect_timeout_s``."""
+        import anyio
+
+        give_up_at = time.monotonic() + self.reconnect_timeout_s
+        delay_s = 0.05
+        while True:
+            try:
+                return await call()
+            except _CONNECTION_ERRORS as e:
+                if time.monotonic() + delay_s > give_up_at:
+                    raise ConnectionLost(
+                        f"Redis unreachable for {self.reconnect_timeout_s} s: {e}; check ALIGNQ_REDIS_URL and the server"
+                    ) from e
+                logger.warning("redis connection error, retrying in %.2f s: %s", delay_s, e)
+                await anyio.sleep(delay_s)
+                delay_s = min(1.0, delay_s * 2)

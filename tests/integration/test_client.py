@@ -1,0 +1,249 @@
+"""The async client against a real Redis: submit protocol, backpressure, waiting for answers."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+import redis.asyncio as aioredis
+
+from middleware.client import (
+    BadRequest,
+    Client,
+    Overloaded,
+    RequestFailed,
+    RequestLost,
+    ResultTimeout,
+    estimate_retry_after_s,
+)
+from middleware.errors import ClientError
+from schemas import (
+    PAYLOAD_FIELD,
+    AlignRequest,
+    AlignResult,
+    ErrorCode,
+    ErrorInfo,
+    Event,
+    EventKind,
+    Keys,
+    Method,
+    ResultStatus,
+    Sample,
+    decode,
+    encode,
+)
+
+pytestmark = pytest.mark.anyio
+KEYS = Keys("alignq")
+
+
+async def publish_event(redis: aioredis.Redis, request_id: str, kind: EventKind, **data: float) -> None:
+    await redis.xadd(KEYS.events(request_id), {PAYLOAD_FIELD: encode(Event(request_id=request_id, kind=kind, data=data))})
+
+
+async def publish_answer(redis: aioredis.Redis, result: AlignResult) -> None:
+    """What the scheduler's answer script does: claim, result, terminal event, leave pending."""
+    rid = result.request_id
+    kind = EventKind.ERROR if result.status == ResultStatus.ERROR else EventKind.DONE
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.set(KEYS.request_claim(rid), b"1", nx=True)
+        pipe.set(KEYS.result(rid), encode(result), ex=60)
+        pipe.xadd(KEYS.events(rid), {PAYLOAD_FIELD: encode(Event(request_id=rid, kind=kind, result=result))})
+        pipe.zrem(KEYS.pending_requests, rid)
+        await pipe.execute()
+
+
+def ok_result(request_id: str, reward: float = 0.9) -> AlignResult:
+    samples = [Sample(index=1, text="best", reward=reward, num_tokens=2), Sample(index=0, text="meh", reward=0.1, num_tokens=3)]
+    return AlignResult(request_id=request_id, status=ResultStatus.OK, method=Method.BON, response="best",
+                       reward=reward, best_index=1, samples_used=2, num_tokens=5, samples=samples)
+
+
+async def test_submit_writes_decodable_request_and_pending_entry(redis_url: str) -> None:
+    async with Client(redis_url, max_pending=10) as client:
+        request_id = await client.submit("What is 2+2?", budget=8, method="uniform", metadata={"answer": "4"})
+        entries = await client.redis.xrange(KEYS.requests)
+        assert len(entries) == 1
+        request = decode(AlignRequest, entries[0][1][PAYLOAD_FIELD])
+        assert (request.request_id, request.prompt, request.budget, request.method) == (request_id, "What is 2+2?", 8, Method.UNIFORM)
+        assert request.metadata == {"answer": "4"}
+        assert await client.redis.zscore(KEYS.pending_requests, request_id) == pytest.approx(request.submitted_at_ms, abs=5000)
+
+
+async def test_resubmitting_the_same_request_id_queues_it_once(redis_url: str) -> None:
+    async with Client(redis_url) as client:
+        request = AlignRequest(prompt="hi", request_id="same-id")
+        assert await client.submit_request(request) == "same-id"
+        assert await client.submit_request(request) == "same-id"  # a retry after a dropped reply
+        assert await client.redis.xlen(KEYS.requests) == 1
+        await publish_answer(client.redis, ok_result("same-id"))
+        await client.submit_request(request)  # answered already: still not queued again
+        assert await client.redis.xlen(KEYS.requests) == 1
+
+
+async def test_submit_many_is_pipelined(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from redis.asyncio.connection import AbstractConnection
+
+    num_sends = 0
+    send_packed_command = AbstractConnection.send_packed_command
+
+    async def counting_send(self, command, check_health=True):  # type: ignore[no-untyped-def]
+        nonlocal num_sends
+        num_sends += 1
+        return await send_packed_command(self, command, check_health)
+
+    async with Client(redis_url, submit_chunk_size=500) as client:
+        await client.submit("warm up the connection")
+        await client.redis.flushdb()
+        items = [f"prompt {i}" for i in range(998)] + [{"prompt": "as dict", "budget": 4}, AlignRequest(prompt="as model")]
+        monkeypatch.setattr(AbstractConnection, "send_packed_command", counting_send)
+        started = time.perf_counter()
+        request_ids = await client.submit_many(items)
+        elapsed_s = time.perf_counter() - started
+        monkeypatch.undo()
+        assert num_sends <= 3  # SCRIPT LOAD + one pipelined write per chunk of 500
+        assert len(request_ids) == len(set(request_ids)) == 1000
+        assert await client.redis.xlen(KEYS.requests) == 1000
+        assert await client.redis.zcard(KEYS.pending_requests) == 1000
+        entries = await client.redis.xrange(KEYS.requests)
+        assert [decode(AlignRequest, fields[PAYLOAD_FIELD]).request_id for _, fields in entries] == request_ids
+        assert decode(AlignRequest, entries[998][1][PAYLOAD_FIELD]).budget == 4
+        assert elapsed_s < 5
+
+
+async def test_overloaded_when_pending_is_full(redis_url: str) -> None:
+    async with Client(redis_url, max_pending=3) as client:
+        for i in range(3):
+            await client.submit(f"p{i}")
+        with pytest.raises(Overloaded) as excinfo:
+            await client.submit("one too many")
+        assert excinfo.value.retry_after_s >= 0.25
+        assert excinfo.value.num_pending == 3
+        assert isinstance(excinfo.value, ClientError)
+        assert await client.redis.xlen(KEYS.requests) == 3  # nothing written
+        with pytest.raises(Overloaded) as excinfo:
+            await client.submit_many(["a", "b"])
+        assert excinfo.value.submitted_ids == []
+        # the scheduler answers one: room for exactly one more
+        first_id = (await client.redis.zrange(KEYS.pending_requests, 0, 0))[0].decode()
+        await publish_answer(client.redis, ok_result(first_id))
+        with pytest.raises(Overloaded) as excinfo:
+            await client.submit_many(["x", "y"])
+        assert len(excinfo.value.submitted_ids) == 1
+        assert await client.redis.xlen(KEYS.requests) == 4
+
+
+def test_retry_after_estimate() -> None:
+    assert estimate_retry_after_s(100, 100, 0.0) == 0.25  # a fresh flood still backs off
+    assert estimate_retry_after_s(100, 100, 200.0) == pytest.approx(2.0)  # one slot every 2 s
+    assert estimate_retry_after_s(110, 100, 110.0) == pytest.approx(11.0)
+    assert estimate_retry_after_s(10, 10, 1e6) == 60.0
+
+
+@pytest.mark.parametrize("fields", [{"prompt": ""}, {"prompt": "   "}, {"prompt": "hi", "budget": 0},
+                                    {"prompt": "hi", "method": "beam"}, {"prompt": "hi", "colour": "blue"}])
+async def test_bad_request_touches_nothing(redis_url: str, fields: dict) -> None:
+    async with Client(redis_url) as client:
+        prompt = fields.pop("prompt")
+        with pytest.raises(BadRequest):
+            await client.submit(prompt, **fields)
+        with pytest.raises(BadRequest):
+            await client.submit_many(["fine", {"prompt": prompt, **fields}])
+        assert await client.redis.exists(KEYS.requests, KEYS.pending_requests) == 0
+
+
+async def test_result_and_events_from_a_publisher(redis_url: str) -> None:
+    async with Client(redis_url, poll_interval_s=0.2) as client:
+        request_id = await client.submit("hello", budget=2)
+
+        async def publisher() -> None:
+            await anyio.sleep(0.3)
+            await publish_event(client.redis, request_id, EventKind.QUEUED)
+            await publish_event(client.redis, request_id, EventKind.EXPLORED, reward_mean=0.5, reward_std=0.4, num_samples=2)
+            await anyio.sleep(0.3)
+            await publish_event(client.redis, request_id, EventKind.ALLOCATED, num_samples=0)
+            await publish_answer(client.redis, ok_result(request_id))
+
+        seen: list[Event] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(publisher)
+            with anyio.fail_after(10):
+                result = await client.result(request_id, timeout_s=5)
+                async for event in client.events(request_id, timeout_s=5):
+                    seen.append(event)
+        assert result.response == "best" and result.reward == 0.9
+        assert [e.kind for e in seen] == [EventKind.QUEUED, EventKind.EXPLORED, EventKind.ALLOCATED, EventKind.DONE]
+        assert seen[1].data["reward_mean"] == 0.5
+        assert seen[-1].result == result
+        assert (await client.result(request_id)).request_id == request_id  # stored result, no wait
+
+
+async def test_error_result_raises_request_failed(redis_url: str) -> None:
+    async with Client(redis_url) as client:
+        request_id = await client.submit("hello")
+        failed = AlignResult(request_id=request_id, status=ResultStatus.ERROR,
+                             error=ErrorInfo(code=ErrorCode.BAD_REQUEST, message="prompt too long"))
+        await publish_answer(client.redis, failed)
+        with pytest.raises(RequestFailed, match="prompt too long") as excinfo:
+            await client.result(request_id, timeout_s=2)
+        assert excinfo.value.result == failed
+        assert (await client.result(request_id, raise_on_error=False)).status == ResultStatus.ERROR
+
+
+async def test_result_timeout(redis_url: str) -> None:
+    async with Client(redis_url, poll_interval_s=0.1) as client:
+        request_id = await client.submit("nobody answers")
+        started = time.monotonic()
+        with pytest.raises(ResultTimeout):
+            await client.result(request_id, timeout_s=0.5)
+        assert 0.45 <= time.monotonic() - started < 2
+
+
+async def test_request_lost_after_flushdb(redis_url: str) -> None:
+    async with Client(redis_url, poll_interval_s=0.1) as client:
+        request_id = await client.submit("about to be forgotten")
+        await publish_event(client.redis, request_id, EventKind.QUEUED)
+
+        async def forget() -> None:
+            await anyio.sleep(0.3)
+            await client.redis.flushdb()
+
+        started = time.monotonic()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(forget)
+            with pytest.raises(RequestLost):
+                await client.result(request_id, timeout_s=10)
+        assert time.monotonic() - started < 3
+        with pytest.raises(RequestLost):
+            await client.result("never-submitted", timeout_s=10)
+
+
+async def test_stream_and_align(redis_url: str) -> None:
+    async with Client(redis_url, poll_interval_s=0.1) as client:
+
+        async def answer_next() -> None:
+            # a minimal scheduler: answer each queued request as it arrives
+            last_id = b"0-0"
+            for _ in range(2):
+                reply = await client.redis.xread({KEYS.requests: last_id}, block=5000)
+                last_id, fields = reply[0][1][0]
+                request = decode(AlignRequest, fields[PAYLOAD_FIELD])
+                await publish_event(client.redis, request.request_id, EventKind.QUEUED)
+                await publish_answer(client.redis, ok_result(request.request_id, reward=request.budget))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(answer_next)
+            with anyio.fail_after(10):
+                kinds = [event.kind async for event in client.stream("stream me", budget=3, timeout_s=5)]
+                result = await client.align("align me", budget=5, timeout_s=5)
+        assert kinds == [EventKind.QUEUED, EventKind.DONE]
+        assert result.reward == 5
+
+
+async def test_accepts_an_existing_redis_client(redis_url: str) -> None:
+    redis = aioredis.Redis.from_url(redis_url)
+    async with Client(redis) as client:
+        await client.submit("hi")
+    assert await redis.xlen(KEYS.requests) == 1  # still open: the caller owns it
+    await redis.aclose()
