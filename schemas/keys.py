@@ -75,3 +75,9 @@ class Keys:
 
     def heartbeat_pattern(self, role: str) -> str:
         return self._key("heartbeat", role, "*")
+
+    # -- telemetry -----------------------------------------------------------------------------
+    @property
+    def metrics(self) -> str:
+        """Hash of deployment-wide metric increments (see middleware.metrics), summed by every service."""
+        return self._key("metrics")
