@@ -1,0 +1,394 @@
+"""Prompt-adaptive Best-of-N allocation (AdaBoN): how a window's stage-2 samples are shared out.
+
+Pure numpy, no I/O. A window holds K prompts; prompt i explored d_i samples (rewards r_i) of its
+budget B_i, and the window's remaining T = Σ max(0, B_i - d_i) samples go where they raise the
+expected best reward most. For prompt i with best-so-far c_i and an estimated reward distribution
+X_i, V_i[j] = E[max(c_i, X_1..X_j)]; greedy hands out the T samples one at a time to the largest
+marginal gain Δ_i[j] = V_i[j+1] - V_i[j] (a heap, O(T log K)), optimal when every V_i is concave.
+
+Allocators (``ALLOCATORS``):
+    uniform          every prompt spends its own remaining budget (plain Best-of-N)
+    adabon-mc        the paper: Gaussian KDE (Scott's bandwidth), V by Monte Carlo (m = 1024 draws,
+                     running maxima of the same draws)
+    adabon-integral  the paper's KDE, V by the deterministic integral c + ∫_c^∞ (1 - F^j) dx on a grid
+    adabon-gauss     one Gaussian per prompt (mean, std of its rewards), integral
+    adabon-eb        empirical Bayes over the window: 0/1 rewards use a Beta-Bernoulli posterior and the
+                     exact E[max] of a Bernoulli; otherwise the window's pooled shape (standardised
+                     residuals) with each prompt's mean and a scale shrunk toward the window's by evidence
+    adabon           the recommended default, chosen by ``alignq bench allocation`` (see README)
+
+Options for every adaptive allocator: ``floor_fraction`` (each prompt gets at least this share of its
+own remaining budget), ``cap_factor`` (no prompt ends with more than cap_factor · B_i samples).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+PAPER_ALLOCATORS = ("adabon-mc", "adabon-integral")
+OUR_ALLOCATORS = ("adabon-gauss", "adabon-eb")
+DEFAULT_ALLOCATOR = "adabon-eb"  # chosen by benchmark: see README "Allocation"
+ALLOCATORS: tuple[str, ...] = ("uniform", *PAPER_ALLOCATORS, *OUR_ALLOCATORS, "adabon")
+
+NUM_MC_DRAWS = 1024
+NUM_GRID_POINTS = 64
+GRID_SPAN_STDS = 7.0  # integrate up to the largest component mean + this many of its stds
+RELATIVE_BANDWIDTH_FLOOR = 1e-3  # of the window's reward std: identical rewards keep a finite KDE
+ABSOLUTE_BANDWIDTH_FLOOR = 1e-9
+NUM_SHAPE_QUANTILES = 32
+
+GainFn = Callable[[int, int, int], np.ndarray]  # (prompt, j_start, j_stop) -> Δ[j_start:j_stop]
+
+
+def num_explore_samples(budget: int, explore_fraction: float) -> int:
+    """d = min(B, max(2, round(f·B))); 1 when B == 1."""
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1, got {budget}")
+    if not 0.0 < explore_fraction <= 1.0:
+        raise ValueError(f"explore_fraction must be in (0, 1], got {explore_fraction}")
+    if budget == 1:
+        return 1
+    return min(budget, max(2, round(explore_fraction * budget)))
+
+
+# ---------------------------------------------------------------- the normal distribution, in numpy
+
+
+def normal_cdf(z: np.ndarray) -> np.ndarray:
+    """Φ(z) through erfc (Numerical Recipes' Chebyshev fit: relative error < 1.2e-7, tails included)."""
+    x = -np.asarray(z, dtype=np.float64) / math.sqrt(2.0)
+    a = np.abs(x)
+    t = 1.0 / (1.0 + 0.5 * a)
+    poly = -a * a - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
+        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))))
+    erfc_abs = t * np.exp(poly)
+    return 0.5 * np.where(x >= 0, erfc_abs, 2.0 - erfc_abs)
+
+
+# ---------------------------------------------------------------- estimates and value vectors
+
+
+def kde_bandwidth(rewards: Sequence[float], floor: float = ABSOLUTE_BANDWIDTH_FLOOR) -> float:
+    """Scott's rule h = σ̂ · d^(-1/5), at least ``floor`` (one sample or identical rewards)."""
+    values = np.asarray(rewards, dtype=np.float64)
+    if values.size < 2:
+        return float(floor)
+    return max(float(values.std(ddof=1)) * values.size ** -0.2, float(floor))
+
+
+class MixtureGains:
+    """Δ_i[j] = ∫_{c_i}^∞ F_i^j (1 - F_i) dx, by the trapezoid rule on a grid of each [c_i, upper_i].
+
+    Built from Gaussian mixtures (``from_components``) or from one standardised shape shifted and scaled
+    per prompt (``from_shape``). Concave in j by construction; no RNG.
+    """
+
+    def __init__(self, cdf: np.ndarray, best: np.ndarray, upper: np.ndarray) -> None:
+        num_grid = cdf.shape[1]  # cdf: (K, G) on the grid best + (upper - best) * linspace(0, 1, G)
+        cdf = np.clip(cdf, 0.0, 1.0)
+        trapezoid = np.ones(num_grid)
+        trapezoid[[0, -1]] = 0.5
+        step = (upper - best) / (num_grid - 1)
+        self.log_cdf = np.log(np.maximum(cdf, 1e-300))  # (K, G)
+        self.tail_weight = (1.0 - cdf) * trapezoid[None, :] * step[:, None]  # (K, G)
+
+    @staticmethod
+    def grid(best: np.ndarray, upper: np.ndarray, num_grid: int) -> np.ndarray:
+        upper = np.maximum(upper, best + ABSOLUTE_BANDWIDTH_FLOOR)
+        return best[:, None] + (upper - best)[:, None] * np.linspace(0.0, 1.0, num_grid)[None, :]
+
+    @classmethod
+    def from_components(cls, means: np.ndarray, stds: np.ndarray, weights: np.ndarray, best: np.ndarray,
+                        num_grid: int = NUM_GRID_POINTS) -> MixtureGains:
+        """means, stds, weights: (K, M), padded with weight 0; best: (K,) the c_i."""
+        upper = np.max(np.where(weights > 0, means + GRID_SPAN_STDS * stds, -np.inf), axis=1)
+        grid = cls.grid(best, upper, num_grid)  # (K, G)
+        z = (grid[:, :, None] - means[:, None, :]) / stds[:, None, :]  # (K, G, M)
+        cdf = np.einsum("kgm,km->kg", normal_cdf(z), weights)
+        return cls(cdf, best, grid[:, -1])
+
+    @classmethod
+    def from_shape(cls, shape_cdf: Callable[[np.ndarray], np.ndarray], shape_upper: float, loc: np.ndarray,
+                   scale: np.ndarray, best: np.ndarray, num_grid: int = NUM_GRID_POINTS) -> MixtureGains:
+        """F_i(x) = S((x - loc_i) / scale_i): one shape S for the whole window (cheap for large K)."""
+        grid = cls.grid(best, loc + scale * shape_upper, num_grid)
+        return cls(shape_cdf((grid - loc[:, None]) / scale[:, None]), best, grid[:, -1])
+
+    def __call__(self, prompt: int, j_start: int, j_stop: int) -> np.ndarray:
+        return self.block(np.array([prompt]), j_start, j_stop)[0]
+
+    def block(self, prompts: np.ndarray, j_start: int, j_stop: int) -> np.ndarray:
+        j = np.arange(j_start, j_stop, dtype=np.float64)
+        powers = np.exp(j[None, :, None] * self.log_cdf[prompts][:, None, :])  # (P, J, G)
+        return np.einsum("pjg,pg->pj", powers, self.tail_weight[prompts])
+
+
+class KdeMonteCarloGains:
+    """The paper's Monte Carlo: m draws per prompt from its KDE, V[j] = mean of running maxima with c_i.
+
+    Extends lazily: the running maxima of earlier draws carry over, so V stays monotone.
+    """
+
+    def __init__(self, rewards: Sequence[np.ndarray], bandwidths: np.ndarray, best: np.ndarray,
+                 rng: np.random.Generator, num_draws: int = NUM_MC_DRAWS) -> None:
+        self.rewards, self.bandwidths, self.rng = rewards, bandwidths, rng
+        self.running_max = [np.full(num_draws, float(c)) for c in best]
+        self.num_drawn = [0] * len(rewards)
+
+    def __call__(self, prompt: int, j_start: int, j_stop: int) -> np.ndarray:
+        assert j_start == self.num_drawn[prompt], "Monte Carlo gains extend in order"
+        rewards, running = self.rewards[prompt], self.running_max[prompt]
+        if rewards.size == 0 or j_stop <= j_start:
+            return np.zeros(max(0, j_stop - j_start))
+        shape = (running.size, j_stop - j_start)
+        draws = rewards[self.rng.integers(0, rewards.size, shape)] + self.bandwidths[prompt] * self.rng.standard_normal(shape)
+        maxima = np.maximum.accumulate(np.concatenate([running[:, None], draws], axis=1), axis=1)  # (m, 1+J)
+        self.running_max[prompt] = maxima[:, -1]
+        self.num_drawn[prompt] = j_stop
+        return np.diff(maxima.mean(axis=0))
+
+
+class BernoulliGains:
+    """0/1 rewards: p_i ~ Beta(α_i, β_i); until a success, V[j] = 1 - E[(1-p)^j] = 1 - Π_{t<j} (β+t)/(α+β+t)."""
+
+    def __init__(self, alpha: np.ndarray, beta: np.ndarray, solved: np.ndarray) -> None:
+        self.alpha, self.beta, self.solved = alpha, beta, solved
+
+    def __call__(self, prompt: int, j_start: int, j_stop: int) -> np.ndarray:
+        if self.solved[prompt]:
+            return np.zeros(j_stop - j_start)
+        a, b = self.alpha[prompt], self.beta[prompt]
+        t = np.arange(j_stop, dtype=np.float64)
+        survive = np.concatenate([[1.0], np.cumprod((b + t) / (a + b + t))])  # E[(1-p)^j], j = 0..j_stop
+        return (survive[:-1] - survive[1:])[j_start:j_stop]
+
+
+def value_vector(gains: GainFn, prompt: int, best: float, length: int) -> np.ndarray:
+    """V[0..length] = c + cumulative Δ (for tests and plots)."""
+    return best + np.concatenate([[0.0], np.cumsum(gains(prompt, 0, length))])
+
+
+# ---------------------------------------------------------------- greedy allocation
+
+
+def greedy_allocate(gains: GainFn, num_prompts: int, total: int, *, floors: np.ndarray | None = None,
+                    caps: np.ndarray | None = None, initial_length: int = 16) -> np.ndarray:
+    """Hand out ``total`` samples one at a time to the largest Δ_i[a_i] (ties: the prompt with fewer).
+
+    Gains are fetched lazily per prompt in doubling blocks, so a window of 256 prompts computes only
+    the part of each value vector the allocation reaches. Σ a_i == total always: once every prompt is
+    at its cap, the rest is spread evenly (caps are a preference, the budget is a promise).
+    """
+    counts = np.zeros(num_prompts, dtype=np.int64) if floors is None else floors.astype(np.int64).copy()
+    limits = np.full(num_prompts, total, dtype=np.int64) if caps is None else np.maximum(caps, counts)
+    remaining = total - int(counts.sum())
+    if remaining < 0:
+        raise ValueError("per-prompt floors exceed the samples left in the window")
+    cache: list[list[float]] = [[] for _ in range(num_prompts)]
+    block = getattr(gains, "block", None)
+    if block is not None and num_prompts > 1:  # one vectorised call for every prompt's first block
+        first = np.minimum(limits, max(initial_length, int(counts.max()) + 1))
+        rows = block(np.arange(num_prompts), 0, int(first.max())).tolist()
+        cache = [row[: int(n)] for row, n in zip(rows, first)]
+
+    def gain_at(i: int, j: int) -> float:
+        known = cache[i]
+        if j >= len(known):
+            stop = min(int(limits[i]), max(j + 1, 2 * len(known), initial_length))
+            known.extend(np.asarray(gains(i, len(known), stop), dtype=np.float64).tolist())
+        return known[j]
+
+    heap = [(-gain_at(i, int(counts[i])), int(counts[i]), i) for i in range(num_prompts) if counts[i] < limits[i]]
+    heapq.heapify(heap)
+    while remaining > 0 and heap:
+        _, count, i = heapq.heappop(heap)
+        counts[i] = count + 1
+        remaining -= 1
+        if count + 1 < limits[i]:
+            heapq.heappush(heap, (-gain_at(i, count + 1), count + 1, i))
+    for offset in range(remaining):  # every prompt capped: spread the rest evenly
+        counts[offset % num_prompts] += 1
+    return counts
+
+
+# ---------------------------------------------------------------- per-method value models
+
+
+def _check_rewards(explore: Sequence[np.ndarray]) -> None:
+    for i, rewards in enumerate(explore):
+        if rewards.size and not np.all(np.isfinite(rewards)):
+            raise ValueError(f"explore rewards of prompt {i} contain NaN or inf: "
+                             "the reward model must return finite numbers")
+
+
+class WindowStats:
+    """Per-prompt summaries of a window's explore rewards, vectorised (padded to the longest d_i)."""
+
+    def __init__(self, explore: Sequence[np.ndarray]) -> None:
+        self.explore = explore
+        self.sizes = np.array([r.size for r in explore], dtype=np.int64)
+        width = max(1, int(self.sizes.max()))
+        self.mask = np.arange(width)[None, :] < self.sizes[:, None]  # (K, D)
+        self.values = np.zeros((len(explore), width))
+        for i, r in enumerate(explore):
+            self.values[i, : r.size] = r
+        self.pooled = self.values[self.mask] if self.mask.any() else np.zeros(1)
+        pooled_std = float(self.pooled.std())
+        self.bandwidth_floor = max(RELATIVE_BANDWIDTH_FLOOR * pooled_std, ABSOLUTE_BANDWIDTH_FLOOR)
+        counts = np.maximum(self.sizes, 1)
+        sums = np.where(self.mask, self.values, 0.0).sum(axis=1)
+        self.means = np.where(self.sizes > 0, sums / counts, self.pooled.mean())
+        squares = np.where(self.mask, (self.values - self.means[:, None]) ** 2, 0.0).sum(axis=1)
+        self.stds = np.where(self.sizes > 1, np.sqrt(squares / np.maximum(self.sizes - 1, 1)), 0.0)
+        maxima = np.where(self.mask, self.values, -np.inf).max(axis=1)
+        self.best = np.where(self.sizes > 0, maxima, self.pooled.min())  # c_i (no samples: the window's worst)
+
+
+def _kde_gains(stats: WindowStats, monte_carlo: bool, rng: np.random.Generator) -> GainFn:
+    # a prompt with no samples yet: the window's rewards stand in for its own
+    explore = [r if r.size else stats.pooled for r in stats.explore]
+    sizes = np.array([r.size for r in explore])
+    stds = np.array([r.std(ddof=1) if r.size > 1 else 0.0 for r in explore]) if (stats.sizes == 0).any() else stats.stds
+    bandwidths = np.maximum(stds * sizes.astype(np.float64) ** -0.2, stats.bandwidth_floor)  # Scott's rule
+    if monte_carlo:
+        return KdeMonteCarloGains(explore, bandwidths, stats.best, rng)
+    width = int(sizes.max())
+    means, weights = np.zeros((len(explore), width)), np.zeros((len(explore), width))
+    for i, r in enumerate(explore):
+        means[i, : r.size], weights[i, : r.size] = r, 1.0 / r.size
+    return MixtureGains.from_components(means, np.broadcast_to(bandwidths[:, None], means.shape), weights, stats.best)
+
+
+def _gauss_gains(stats: WindowStats) -> GainFn:
+    fallback = max(float(stats.pooled.std()), stats.bandwidth_floor)
+    stds = np.where(stats.sizes > 1, np.maximum(stats.stds, stats.bandwidth_floor), fallback)
+    return MixtureGains.from_shape(normal_cdf, GRID_SPAN_STDS, stats.means, stds, stats.best)
+
+
+def is_bernoulli(explore: Sequence[np.ndarray]) -> bool:
+    """Every reward of the window is 0 or 1 (a verifiable reward)."""
+    pooled = np.concatenate([r for r in explore if r.size] or [np.zeros(0)])
+    return pooled.size > 0 and bool(np.all((pooled == 0.0) | (pooled == 1.0)))
+
+
+def _beta_prior(successes: np.ndarray, trials: np.ndarray) -> tuple[float, float]:
+    """Method-of-moments Beta prior over the window's success rates (Jeffreys when it cannot be fitted)."""
+    seen = trials > 0
+    if seen.sum() < 2:
+        return 0.5, 0.5
+    rates = successes[seen] / trials[seen]
+    mean = float(np.clip(rates.mean(), 0.02, 0.98))
+    between = float(rates.var(ddof=1) - np.mean(rates * (1 - rates) / trials[seen]))
+    if between <= 1e-6:
+        return 0.5, 0.5
+    strength = float(np.clip(mean * (1 - mean) / between - 1.0, 0.5, 100.0))
+    return mean * strength, (1 - mean) * strength
+
+
+def _shape_cdf(residuals: np.ndarray) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
+    """CDF of a KDE of the window's standardised residuals, tabulated once and interpolated."""
+    levels = (np.arange(NUM_SHAPE_QUANTILES) + 0.5) / NUM_SHAPE_QUANTILES
+    centres = np.quantile(residuals, levels)
+    width = kde_bandwidth(residuals, 1e-3)
+    upper = float(centres.max() + GRID_SPAN_STDS * width)
+    table_x = np.linspace(float(centres.min() - GRID_SPAN_STDS * width), upper, 1024)
+    table_cdf = normal_cdf((table_x[:, None] - centres[None, :]) / width).mean(axis=1)
+    return (lambda z: np.interp(z, table_x, table_cdf, left=0.0, right=1.0)), upper
+
+
+def _eb_gains(stats: WindowStats) -> GainFn:
+    explore = stats.explore
+    if is_bernoulli(explore):
+        successes = np.array([r.sum() for r in explore], dtype=np.float64)
+        trials = stats.sizes.astype(np.float64)
+        alpha0, beta0 = _beta_prior(successes, trials)
+        return BernoulliGains(alpha0 + successes, beta0 + trials - successes, successes > 0)
+    floor, sizes, means, stds = stats.bandwidth_floor, stats.sizes, stats.means, stats.stds
+    spread = (sizes > 1) & (stds > floor)
+    # 1. shape: the window's standardised residuals (K·d points: far more evidence than one prompt's d)
+    if spread.any():
+        residuals = ((stats.values - means[:, None]) / np.where(spread, stds, 1.0)[:, None])[stats.mask & spread[:, None]]
+        shape_cdf, shape_upper = _shape_cdf(residuals)
+        kurtosis = float(np.clip(np.mean(residuals**4) / max(np.mean(residuals**2) ** 2, 1e-12), 1.5, 20.0))
+    else:
+        (shape_cdf, shape_upper), kurtosis = (normal_cdf, GRID_SPAN_STDS), 3.0
+    # 2. scale: log s_i² has sampling variance ≈ (κ - (d-3)/(d-1)) / d; shrink toward the window's mean
+    d = np.maximum(sizes, 2).astype(np.float64)
+    noise = (kurtosis - (d - 3) / (d - 1)) / d
+    log_var = np.log(np.maximum(stds, floor) ** 2)
+    if spread.sum() >= 2:
+        centre = float(log_var[spread].mean())
+        between = max(0.0, float(log_var[spread].var(ddof=1) - noise[spread].mean()))
+    elif spread.any():
+        centre, between = float(log_var[spread].mean()), 0.0
+    else:
+        centre, between = float(np.log(max(float(stats.pooled.std()), floor) ** 2)), 0.0
+    weight = np.where(sizes > 1, between / (between + noise), 0.0)
+    scale = np.exp(0.5 * (centre + weight * (log_var - centre)))
+    return MixtureGains.from_shape(shape_cdf, shape_upper, means, scale, stats.best)
+
+
+def build_gains(explore: Sequence[np.ndarray], method: str, rng: np.random.Generator) -> GainFn:
+    """The marginal-gain function of an adaptive allocator (``method`` in ALLOCATORS, not uniform)."""
+    if method == "adabon":
+        method = DEFAULT_ALLOCATOR
+    stats = WindowStats(explore)
+    if method in ("adabon-mc", "adabon-integral"):
+        return _kde_gains(stats, method == "adabon-mc", rng)
+    if method == "adabon-gauss":
+        return _gauss_gains(stats)
+    if method == "adabon-eb":
+        return _eb_gains(stats)
+    raise ValueError(f"unknown allocator {method!r}: choose one of {', '.join(ALLOCATORS)}")
+
+
+# ---------------------------------------------------------------- the window plan
+
+
+def allocate(explore: Sequence[Sequence[float]], remaining: Sequence[int], *, method: str = "adabon",
+             seed: int | np.random.Generator = 0, floor_fraction: float = 0.0,
+             cap_factor: float | None = None) -> np.ndarray:
+    """Stage-2 samples per prompt (array form of ``plan_window``): Σ a_i == Σ remaining_i."""
+    if method not in ALLOCATORS:
+        raise ValueError(f"unknown allocator {method!r}: choose one of {', '.join(ALLOCATORS)}")
+    if not 0.0 <= floor_fraction <= 1.0:
+        raise ValueError(f"floor_fraction must be in [0, 1], got {floor_fraction}")
+    if cap_factor is not None and cap_factor < 1.0:
+        raise ValueError(f"cap_factor must be >= 1 (a prompt may always spend its own budget), got {cap_factor}")
+    rewards = [np.asarray(r, dtype=np.float64).ravel() for r in explore]
+    _check_rewards(rewards)
+    left = np.maximum(np.asarray(remaining, dtype=np.int64), 0)
+    total = int(left.sum())
+    if method == "uniform" or len(rewards) <= 1 or total == 0:
+        return left.copy()
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    floors = np.floor(floor_fraction * left).astype(np.int64)
+    caps = None
+    if cap_factor is not None:
+        sizes = np.array([r.size for r in rewards])
+        caps = np.maximum(np.floor(cap_factor * (sizes + left)).astype(np.int64) - sizes, floors)
+    return greedy_allocate(build_gains(rewards, method, rng), len(rewards), total, floors=floors, caps=caps)
+
+
+def plan_window(explore_rewards: Mapping[str, Sequence[float]], budgets: Mapping[str, int], *,
+                method: str = "adabon", seed: int = 0, **options: float | None) -> dict[str, int]:
+    """a_i >= 0 per key, Σ a_i == Σ max(0, budgets[i] - len(explore_rewards[i])).
+
+    Raises ValueError on NaN/inf rewards, a key missing from ``budgets``, or an unknown method.
+    Options: ``floor_fraction``, ``cap_factor`` (see the module docstring).
+    """
+    keys = list(explore_rewards)
+    missing = [k for k in keys if k not in budgets]
+    if missing:
+        raise ValueError(f"no budget for {missing[:3]}: every explored key needs a budget")
+    explore = [explore_rewards[k] for k in keys]
+    remaining = [budgets[k] - len(explore_rewards[k]) for k in keys]
+    counts = allocate(explore, remaining, method=method, seed=seed, **options)  # type: ignore[arg-type]
+    return {k: int(a) for k, a in zip(keys, counts)}
