@@ -34,6 +34,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Self
 
+import anyio
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -46,6 +47,8 @@ from schemas import (
     PAYLOAD_FIELD,
     AlignRequest,
     AlignResult,
+    ErrorCode,
+    ErrorInfo,
     Event,
     EventKind,
     Keys,
@@ -143,6 +146,10 @@ def estimate_retry_after_s(num_pending: int, max_pending: int, oldest_age_s: flo
     slots_needed = max(1, num_pending - max_pending + 1)
     estimate_s = max(0.0, oldest_age_s) / num_pending * slots_needed
     return min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, estimate_s))
+
+
+def _error_result(request_id: str, code: ErrorCode, message: str) -> AlignResult:
+    return AlignResult(request_id=request_id, status=ResultStatus.ERROR, error=ErrorInfo(code=code, message=message))
 
 
 class Client:
@@ -315,6 +322,12 @@ class Client:
         Raises ResultTimeout after ``timeout_s`` (None: wait as long as the request is alive),
         RequestLost when Redis no longer knows the request, ConnectionLost when Redis stays down.
         """
+        async for event in self.events_or_idle(request_id, timeout_s=timeout_s):
+            if event is not None:
+                yield event
+
+    async def events_or_idle(self, request_id: str, *, timeout_s: float | None = None) -> AsyncIterator[Event | None]:
+        """Like ``events``, but yields None after each ``poll_interval_s`` without news (for keep-alives)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         stream = self.keys.events(request_id)
         last_id = b"0-0"
@@ -345,7 +358,7 @@ class Client:
             if entries:
                 num_missing_checks = 0
                 continue
-            state = await self._with_reconnect(lambda: self._request_state(request_id))
+            state = await self.request_state(request_id)
             if state == "answered":  # result stored but its events expired or were never written
                 result = await self.get_result(request_id)
                 if result is not None:
@@ -362,9 +375,61 @@ class Client:
                     )
             else:
                 num_missing_checks = 0
+            yield None
+
+    async def results_as_completed(self, request_ids: Sequence[str], *, timeout_s: float | None = None,
+                                   chunk_size: int = 1000) -> AsyncIterator[AlignResult]:
+        """Yield each request's result as it is stored, polling all of them with one MGET per chunk.
+
+        Scales to thousands of requests on one connection. Never raises for one request: a lost
+        request yields an error result with code ``lost``, and at ``timeout_s`` every unanswered one
+        yields an error result with code ``deadline_exceeded``.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        outstanding = list(dict.fromkeys(request_ids))
+        num_missing_checks: dict[str, int] = {}
+        idle_poll_s = 0.02
+        while outstanding:
+            still_waiting: list[str] = []
+            num_found = 0
+            for start in range(0, len(outstanding), chunk_size):
+                chunk = outstanding[start:start + chunk_size]
+                datas, scores = await self._with_reconnect(lambda chunk=chunk: self._poll_results(chunk))
+                for request_id, data, score in zip(chunk, datas, scores):
+                    if data is not None:
+                        num_found += 1
+                        yield decode(AlignResult, data)
+                    elif score is None and num_missing_checks.get(request_id, 0) >= 1:
+                        yield _error_result(request_id, ErrorCode.LOST,
+                                            "Redis no longer knows this request (lost data or expired); resubmit it")
+                    else:
+                        if score is None:
+                            num_missing_checks[request_id] = num_missing_checks.get(request_id, 0) + 1
+                        still_waiting.append(request_id)
+            outstanding = still_waiting
+            if not outstanding:
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                for request_id in outstanding:
+                    yield _error_result(request_id, ErrorCode.DEADLINE_EXCEEDED, f"no answer within {timeout_s} s")
+                return
+            idle_poll_s = 0.02 if num_found else min(self.poll_interval_s, idle_poll_s * 1.5)
+            sleep_s = idle_poll_s if deadline is None else max(0.0, min(idle_poll_s, deadline - time.monotonic()))
+            await anyio.sleep(sleep_s)
+
+    async def _poll_results(self, request_ids: list[str]) -> tuple[list[bytes | None], list[float | None]]:
+        async with self._redis.pipeline(transaction=True) as pipe:  # one snapshot: answered XOR pending
+            pipe.mget([self.keys.result(request_id) for request_id in request_ids])
+            pipe.zmscore(self.keys.pending_requests, request_ids)
+            datas, scores = await pipe.execute()
+        return datas, scores
+
+    async def request_state(self, request_id: str) -> str:
+        """'answered', 'alive' (pending or has events), or 'missing' (unknown, lost or expired)."""
+        return await self._with_reconnect(lambda: self._request_state(request_id))
 
     async def _request_state(self, request_id: str) -> str:
-        """'answered', 'alive' (pending or has events), or 'missing' — read in one MULTI snapshot."""
+        """One MULTI snapshot of the keys that say where the request is."""
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.exists(self.keys.result(request_id))
             pipe.exists(self.keys.events(request_id))
@@ -390,8 +455,6 @@ class Client:
     # -- connection -------------------------------------------------------------------------------
     async def _with_reconnect(self, call: Any) -> Any:
         """Run ``call()``; on connection errors retry with backoff for up to ``reconnect_timeout_s``."""
-        import anyio
-
         give_up_at = time.monotonic() + self.reconnect_timeout_s
         delay_s = 0.05
         while True:

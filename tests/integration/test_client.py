@@ -247,3 +247,47 @@ async def test_accepts_an_existing_redis_client(redis_url: str) -> None:
         await client.submit("hi")
     assert await redis.xlen(KEYS.requests) == 1  # still open: the caller owns it
     await redis.aclose()
+
+
+async def test_results_as_completed_in_completion_order(redis_url: str) -> None:
+    async with Client(redis_url, poll_interval_s=0.1) as client:
+        first, second, lost, silent = await client.submit_many(["one", "two", "three", "four"])
+
+        async def answer() -> None:
+            await anyio.sleep(0.2)
+            await publish_answer(client.redis, ok_result(second))
+            await anyio.sleep(0.3)
+            await publish_answer(client.redis, ok_result(first))
+            await client.redis.zrem(KEYS.pending_requests, lost)  # as if Redis lost it
+
+        seen: list[AlignResult] = []
+        started = time.monotonic()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(answer)
+            with anyio.fail_after(10):
+                async for result in client.results_as_completed([first, second, lost, silent], timeout_s=1.5):
+                    seen.append(result)
+        assert [r.request_id for r in seen] == [second, first, lost, silent]
+        assert [r.status for r in seen[:2]] == [ResultStatus.OK, ResultStatus.OK]
+        assert seen[2].error is not None and seen[2].error.code == ErrorCode.LOST
+        assert seen[3].error is not None and seen[3].error.code == ErrorCode.DEADLINE_EXCEEDED
+        assert 1.4 < time.monotonic() - started < 3
+
+
+async def test_events_or_idle_yields_none_between_events(redis_url: str) -> None:
+    async with Client(redis_url, poll_interval_s=0.1) as client:
+        request_id = await client.submit("slow")
+
+        async def publisher() -> None:
+            await anyio.sleep(0.35)
+            await publish_answer(client.redis, ok_result(request_id))
+
+        items: list[Event | None] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(publisher)
+            async for item in client.events_or_idle(request_id, timeout_s=5):
+                items.append(item)
+        assert items[-1] is not None and items[-1].kind == EventKind.DONE
+        assert items.count(None) >= 2
+        assert await client.request_state(request_id) == "answered"
+        assert await client.request_state("nope") == "missing"
