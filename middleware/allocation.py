@@ -392,3 +392,24 @@ def plan_window(explore_rewards: Mapping[str, Sequence[float]], budgets: Mapping
     remaining = [budgets[k] - len(explore_rewards[k]) for k in keys]
     counts = allocate(explore, remaining, method=method, seed=seed, **options)  # type: ignore[arg-type]
     return {k: int(a) for k, a in zip(keys, counts)}
+
+
+class EmpiricalGains:
+    """Exact Δ_i[j] when X_i is known to be uniform over a finite sample (the oracle of the benchmark).
+
+    Between consecutive sorted samples x_(k) <= x < x_(k+1) the CDF is k/n, so the integral is a sum.
+    """
+
+    def __init__(self, samples: Sequence[np.ndarray], best: np.ndarray) -> None:
+        self.lengths, self.levels = [], []
+        for values, c in zip(samples, best):
+            x = np.sort(np.asarray(values, dtype=np.float64))
+            lengths = np.maximum(x[1:] - np.maximum(x[:-1], c), 0.0)
+            keep = lengths > 0
+            self.lengths.append(lengths[keep])
+            self.levels.append((np.arange(1, x.size) / x.size)[keep])
+
+    def __call__(self, prompt: int, j_start: int, j_stop: int) -> np.ndarray:
+        levels, lengths = self.levels[prompt], self.lengths[prompt]
+        j = np.arange(j_start, j_stop, dtype=np.float64)
+        return (levels[None, :] ** j[:, None] * (1.0 - levels) * lengths).sum(axis=1)
