@@ -1,0 +1,217 @@
+"""``alignq bench throughput``: the same prompts and budgets run three ways, side by side.
+
+(a) ``hf_loop``: what users write by hand — per prompt, ``model.generate(num_return_sequences=N,
+    do_sample=True)`` then score the N responses with the reward model;
+(b) ``engine``: alignq's ``workers.engine.Engine.run`` over all prompts at once, in-process
+    (Best-of-N with the same budget: what method ``uniform`` runs);
+(c) ``middleware``: the whole service — ``alignq scheduler`` and ``alignq worker`` as separate
+    processes on Redis (embedded unless ALIGNQ_REDIS_URL or ``--redis-url``), requests submitted
+    with the Client (method ``uniform``), results awaited.
+
+All three use the same model files, dtype, device and torch thread count; (a) and (b) share one
+loaded model. Model loading and a warm-up round are excluded from every clock: (c) waits for the
+worker's heartbeat and a first answered request before starting its clock. Time to result of a
+prompt = from the start of the run (all prompts handed over at t=0) to when its scored samples are
+in the caller's hands. Tokens = generated tokens up to and including EOS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import time
+from typing import Any
+
+from middleware.bench.ingest import hardware_info as host_info
+from middleware.bench.ingest import percentile
+from middleware.errors import UsageError
+
+DEFAULT_PROMPTS = (
+    "Give me three tips for a good night's sleep.",
+    "What is the capital of France?",
+    "Explain what a hash table is to a beginner.",
+    "Write a short, friendly reply to a customer whose order arrived late.",
+    "How do I boil an egg?",
+    "Suggest a name for a small coffee shop by the sea.",
+    "Why is the sky blue? Answer in two sentences.",
+    "Write a haiku about autumn rain.",
+    "What should I pack for a weekend hiking trip?",
+    "Summarise the plot of Romeo and Juliet in one sentence.",
+    "How can I stay focused while working from home?",
+    "Describe a cat to someone who has never seen one.",
+    "What is a good way to learn a new language?",
+    "Recommend a healthy breakfast that takes five minutes.",
+    "Explain recursion with a simple example.",
+    "Write a polite message declining a meeting invitation.",
+)
+MODES = ("hf_loop", "engine", "middleware")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompts", type=pathlib.Path, default=None,
+                        help="JSONL ({'prompt': ...} per line) or plain text, one prompt a line; default: 16 built-in")
+    parser.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
+    parser.add_argument("--budget", type=int, default=8, help="samples per prompt (N)")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per sample")
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--workers", type=int, default=1, help="worker processes in the middleware run")
+    parser.add_argument("--model", default=None, help="policy LM spec (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--reward", default=None, help="reward spec (default: MiniLM preference reward)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads for every mode (0: cores / workers); each worker gets threads / workers")
+    parser.add_argument("--max-batch", type=int, default=64, help="engine rows per forward pass (b and c)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument("--redis-url", default=None, help="Redis for (c) (default ALIGNQ_REDIS_URL, else embedded)")
+    parser.add_argument("--timeout-s", type=float, default=900.0, help="give up on (c) after this long")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument("--plot", type=pathlib.Path, default=None, help="write a bar chart (PNG) here")
+
+
+def load_prompts(path: pathlib.Path | None, num_prompts: int | None) -> list[str | list[dict]]:
+    if path is None:
+        prompts: list[str | list[dict]] = list(DEFAULT_PROMPTS)
+    else:
+        try:
+            lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except OSError as e:
+            raise UsageError(f"cannot read --prompts {path}: {e.strerror}") from e
+        prompts = []
+        for number, line in enumerate(lines, 1):
+            if line.lstrip().startswith(("{", '"')):
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{path}:{number}: not valid JSON ({e.msg})") from e
+                prompt = item.get("prompt") if isinstance(item, dict) else item
+                if not prompt:
+                    raise UsageError(f"{path}:{number}: no 'prompt' field")
+                prompts.append(prompt)
+            else:
+                prompts.append(line.strip())
+    if num_prompts is not None:
+        prompts = prompts[:num_prompts]
+    if not prompts:
+        raise UsageError("no prompts to run: give --prompts FILE with at least one line")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    if not modes or any(mode not in MODES for mode in modes):
+        raise UsageError(f"--modes takes a comma-separated subset of {','.join(MODES)}")
+    if args.budget < 1 or args.max_new_tokens < 1 or args.workers < 1 or args.threads < 0 or args.max_batch < 1:
+        raise UsageError("--budget, --max-new-tokens, --workers and --max-batch must be >= 1, --threads >= 0")
+    if args.num_prompts is not None and args.num_prompts < 1:
+        raise UsageError("--num-prompts must be >= 1")
+    prompts = load_prompts(args.prompts, args.num_prompts)
+    if args.plot is not None:
+        _check_matplotlib()
+
+    from middleware.bench import throughput_modes as measure
+
+    report: dict[str, Any] = {"num_prompts": len(prompts), "budget": args.budget,
+                              "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                              "top_p": args.top_p}
+    local = measure.load_local(args) if {"hf_loop", "engine"} & set(modes) else None
+    if local is not None:
+        report["hardware"] = local.hardware
+        for mode in ("hf_loop", "engine"):
+            if mode in modes:
+                report[mode] = measure.MODE_RUNNERS[mode](local, prompts, args)
+    if "middleware" in modes:
+        threads = local.hardware["threads"] if local is not None else measure.resolve_threads(args.threads)
+        report["middleware"] = measure.run_middleware(prompts, args, threads=threads)
+        report.setdefault("hardware", {**host_info(), "threads": threads, "device": args.device,
+                                       "dtype": args.dtype})
+        report["hardware"]["worker_processes"] = args.workers
+        report["hardware"]["threads_per_worker"] = max(1, threads // args.workers)
+    if "hf_loop" in report and "engine" in report:
+        report["engine_over_hf"] = report["engine"]["samples_per_s"] / report["hf_loop"]["samples_per_s"]
+    if "engine" in report and "middleware" in report:
+        report["middleware_over_engine"] = report["middleware"]["samples_per_s"] / report["engine"]["samples_per_s"]
+    if args.plot is not None:
+        write_plot(report, args.plot)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def summarize(done_s: list[float], wall_s: float, num_samples: int, num_tokens: int) -> dict[str, float]:
+    """Rates over the run's wall time and time-to-result percentiles (s) over prompts."""
+    done_sorted = sorted(done_s)
+    return {
+        "wall_s": wall_s,
+        "num_samples": num_samples,
+        "num_tokens": num_tokens,
+        "samples_per_s": num_samples / wall_s,
+        "tokens_per_s": num_tokens / wall_s,
+        "p50_s": percentile(done_sorted, 50),
+        "p95_s": percentile(done_sorted, 95),
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    hardware = report.get("hardware", {})
+    lines = [
+        f"throughput: {report['num_prompts']} prompts x budget {report['budget']} x {report['max_new_tokens']} "
+        f"new tokens; {hardware.get('cpu_model', '?')}, {hardware.get('threads', '?')} threads, "
+        f"{hardware.get('dtype', '?')} on {hardware.get('device', '?')}",
+    ]
+    if "engine_over_hf" in report:
+        lines.append(f"  engine / hf_loop      {report['engine_over_hf']:.2f}x samples/s")
+    if "middleware_over_engine" in report:
+        lines.append(f"  middleware / engine   {report['middleware_over_engine']:.2f}x samples/s")
+    lines.append(f"  {'mode':<12} {'samples/s':>10} {'tokens/s':>10} {'p50 s':>8} {'p95 s':>8} {'wall s':>8}")
+    for mode in MODES:
+        if mode in report:
+            row = report[mode]
+            lines.append(f"  {mode:<12} {row['samples_per_s']:>10.2f} {row['tokens_per_s']:>10.1f} "
+                         f"{row['p50_s']:>8.2f} {row['p95_s']:>8.2f} {row['wall_s']:>8.2f}")
+    return "\n".join(lines)
+
+
+def _check_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ModuleNotFoundError as e:
+        raise UsageError("--plot needs matplotlib: pip install 'alignq[plot]'") from e
+
+
+def write_plot(report: dict[str, Any], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [mode for mode in MODES if mode in report]
+    labels = {"hf_loop": "generate() loop", "engine": "alignq engine", "middleware": "alignq via Redis"}
+    colors = {"hf_loop": "#999999", "engine": "#1f77b4", "middleware": "#2ca02c"}
+    fig, (ax_rate, ax_latency) = plt.subplots(1, 2, figsize=(10, 4))
+    rates = [report[mode]["samples_per_s"] for mode in modes]
+    bars = ax_rate.bar([labels[m] for m in modes], rates, color=[colors[m] for m in modes])
+    base = report.get("hf_loop", {}).get("samples_per_s")
+    for bar, rate in zip(bars, rates):
+        note = f"{rate:.1f}" + (f"\n{rate / base:.2f}x" if base else "")
+        ax_rate.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
+    ax_rate.set_ylabel("samples / s (higher is better)")
+    ax_rate.set_ylim(0, max(rates) * 1.3)
+    width = 0.38
+    positions = range(len(modes))
+    ax_latency.bar([p - width / 2 for p in positions], [report[m]["p50_s"] for m in modes], width, label="p50")
+    ax_latency.bar([p + width / 2 for p in positions], [report[m]["p95_s"] for m in modes], width, label="p95")
+    ax_latency.set_xticks(list(positions), [labels[m] for m in modes])
+    ax_latency.set_ylabel("time to result, s (lower is better)")
+    ax_latency.legend()
+    hardware = report.get("hardware", {})
+    fig.suptitle(f"{report['num_prompts']} prompts x N={report['budget']} x {report['max_new_tokens']} tokens — "
+                 f"{hardware.get('cpu_model', '')}, {hardware.get('threads', '?')} threads, {hardware.get('dtype', '')}",
+                 fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

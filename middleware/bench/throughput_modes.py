@@ -1,0 +1,294 @@
+"""The three runners of ``alignq bench throughput``: hand-written generate() loop, engine, middleware.
+
+Imported by ``middleware.bench.throughput.run`` only (it loads torch through ``workers``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from middleware.bench.ingest import hardware_info as host_info
+from middleware.bench.ingest import redis_for_bench
+
+logger = logging.getLogger(__name__)
+
+WARMUP_BUDGET = 2
+WARMUP_NEW_TOKENS = 4
+
+
+@dataclasses.dataclass(slots=True)
+class LocalModels:
+    policy: Any  # workers.models.Policy
+    reward: Any  # workers.models.RewardModel
+    eos_token_ids: frozenset[int]
+    hardware: dict[str, Any]
+
+
+def resolve_threads(num_threads: int) -> int:
+    return num_threads if num_threads > 0 else max(1, os.cpu_count() or 1)
+
+
+def load_local(args: argparse.Namespace) -> LocalModels:
+    """Load policy and reward once for (a) and (b); set the torch thread count all modes use."""
+    import torch
+
+    from workers.models import configure_threads, load_policy, load_reward
+
+    threads = configure_threads(args.threads, workers_on_host=1)
+    policy = load_policy(args.model, device=args.device, dtype=args.dtype)
+    reward = load_reward(args.reward, device=args.device)
+    eos = policy.model.generation_config.eos_token_id
+    eos_ids = {policy.tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos])
+    hardware = {**host_info(), "threads": threads, "device": str(policy.device),
+                "dtype": str(policy.dtype).removeprefix("torch."), "torch": torch.__version__,
+                "model": policy.name}
+    return LocalModels(policy, reward, frozenset(i for i in eos_ids if i is not None), hardware)
+
+
+def count_generated_tokens(rows: Any, eos_token_ids: frozenset[int]) -> list[int]:
+    """Tokens per row up to and including the first EOS (padding after it not counted)."""
+    import torch
+
+    is_eos = torch.zeros_like(rows, dtype=torch.bool)
+    for token_id in eos_token_ids:
+        is_eos |= rows == token_id
+    has_eos = is_eos.any(dim=1)
+    first_eos = is_eos.int().argmax(dim=1)
+    lengths = torch.where(has_eos, first_eos + 1, torch.full_like(first_eos, rows.shape[1]))
+    return lengths.tolist()
+
+
+def hf_generate_and_score(local: LocalModels, prompt: Any, *, budget: int, max_new_tokens: int,
+                          temperature: float, top_p: float, seed: int) -> tuple[list[float], list[int]]:
+    """The loop users write: tokenize, ``generate(num_return_sequences=N)``, decode, score. One prompt."""
+    import torch
+
+    policy = local.policy
+    tokenizer = policy.tokenizer
+    inputs = tokenizer(policy.render(prompt), return_tensors="pt").to(policy.device)
+    torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
+        "do_sample": False}
+    with torch.inference_mode():
+        output = policy.model.generate(
+            **inputs, max_new_tokens=max_new_tokens, num_return_sequences=budget,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+            **sampling,
+        )
+    generated = output[:, inputs["input_ids"].shape[1]:]  # (N, T_new)
+    texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
+    rewards = local.reward.score([prompt] * budget, texts)
+    return rewards, count_generated_tokens(generated, local.eos_token_ids)
+
+
+def run_hf_loop(local: LocalModels, prompts: list[Any], args: argparse.Namespace) -> dict[str, float]:
+    from middleware.bench.throughput import summarize
+
+    params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    hf_generate_and_score(local, prompts[0], budget=WARMUP_BUDGET, seed=args.seed,
+                          **{**params, "max_new_tokens": WARMUP_NEW_TOKENS})
+    done_s: list[float] = []
+    num_tokens = 0
+    start_s = time.perf_counter()
+    for index, prompt in enumerate(prompts):
+        rewards, token_counts = hf_generate_and_score(local, prompt, budget=args.budget, seed=args.seed + index,
+                                                      **params)
+        assert len(rewards) == args.budget
+        num_tokens += sum(token_counts)
+        done_s.append(time.perf_counter() - start_s)
+    wall_s = time.perf_counter() - start_s
+    return summarize(done_s, wall_s, len(prompts) * args.budget, num_tokens)
+
+
+def run_engine(local: LocalModels, prompts: list[Any], args: argparse.Namespace) -> dict[str, float]:
+    from middleware.bench.throughput import summarize
+    from workers.engine import Engine, GenerationRequest
+
+    engine = Engine(local.policy, local.reward, max_batch=args.max_batch)
+
+    def requests(budget: int, max_new_tokens: int, chosen: list[Any]) -> list[Any]:
+        return [GenerationRequest(key=str(index), prompt=prompt, num_samples=budget, max_new_tokens=max_new_tokens,
+                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed + index)
+                for index, prompt in enumerate(chosen)]
+
+    engine.run(requests(WARMUP_BUDGET, WARMUP_NEW_TOKENS, prompts[:1]))
+    start_s = time.perf_counter()
+    results = engine.run(requests(args.budget, args.max_new_tokens, prompts))
+    wall_s = time.perf_counter() - start_s
+    errors = [result.error for result in results if result.error]
+    if errors:
+        raise RuntimeError(f"engine: {len(errors)} requests failed, first: {errors[0]}")
+    num_samples = sum(len(result.samples) for result in results)
+    num_tokens = sum(sample.num_tokens for result in results for sample in result.samples)
+    # Engine.run hands every result back at once: each prompt's time to result is the whole call.
+    return summarize([wall_s] * len(results), wall_s, num_samples, num_tokens)
+
+
+MODE_RUNNERS: dict[str, Callable[[LocalModels, list[Any], argparse.Namespace], dict[str, float]]] = {
+    "hf_loop": run_hf_loop,
+    "engine": run_engine,
+}
+
+
+# -- (c) the whole middleware ------------------------------------------------------------------------
+def run_middleware(prompts: list[Any], args: argparse.Namespace, *, threads: int) -> dict[str, float]:
+    import anyio
+
+    namespace = f"alignq-bench-throughput-{os.getpid()}"
+    with redis_for_bench(args.redis_url) as redis_url, service_processes(
+        redis_url, namespace, args, threads_per_worker=max(1, threads // args.workers)
+    ) as processes:
+        try:
+            return anyio.run(_measure_middleware, redis_url, namespace, prompts, args, processes)
+        finally:
+            anyio.run(_delete_namespace_keys, redis_url, namespace)
+
+
+@dataclasses.dataclass(slots=True)
+class ServiceProcess:
+    role: str
+    process: subprocess.Popen
+    log_path: str
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"alignq {self.role} exited with {self.process.returncode}: {self.log_tail()}")
+
+    def log_tail(self, num_chars: int = 1500) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as log:
+                return log.read()[-num_chars:].strip()
+        except OSError:
+            return ""
+
+
+@contextlib.contextmanager
+def service_processes(redis_url: str, namespace: str, args: argparse.Namespace, *,
+                      threads_per_worker: int) -> Iterator[list[ServiceProcess]]:
+    """``alignq scheduler`` and ``--workers`` × ``alignq worker`` subprocesses; stopped on exit."""
+    env = {**os.environ, "ALIGNQ_REDIS_URL": redis_url, "ALIGNQ_NAMESPACE": namespace,
+           "ALIGNQ_DEVICE": args.device, "ALIGNQ_DTYPE": args.dtype, "ALIGNQ_NUM_THREADS": str(threads_per_worker),
+           "OMP_NUM_THREADS": str(threads_per_worker), "ALIGNQ_MAX_BATCH": str(args.max_batch),
+           "ALIGNQ_MAX_NEW_TOKENS": str(args.max_new_tokens), "ALIGNQ_MAX_BUDGET": str(max(256, args.budget)),
+           "ALIGNQ_LOG_LEVEL": "WARNING"}
+    for name, value in (("ALIGNQ_MODEL", args.model), ("ALIGNQ_REWARD_MODEL", args.reward)):
+        if value:
+            env[name] = value
+        else:
+            env.pop(name, None)
+    log_dir = tempfile.mkdtemp(prefix="alignq-bench-")
+    processes: list[ServiceProcess] = []
+    roles = ["scheduler"] + ["worker"] * args.workers
+    try:
+        for number, role in enumerate(roles):
+            log_path = os.path.join(log_dir, f"{role}-{number}.log")
+            with open(log_path, "wb") as log:
+                process = subprocess.Popen(
+                    [sys.executable, "-c", "from middleware.cli import main; main()", role],
+                    env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                )
+            processes.append(ServiceProcess(role, process, log_path))
+        yield processes
+    finally:
+        for service in processes:
+            if service.process.poll() is None:
+                service.process.send_signal(signal.SIGTERM)
+        deadline_s = time.monotonic() + 20
+        for service in processes:
+            try:
+                service.process.wait(timeout=max(0.1, deadline_s - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                service.process.kill()
+                service.process.wait()
+
+
+async def _measure_middleware(redis_url: str, namespace: str, prompts: list[Any], args: argparse.Namespace,
+                              processes: list[ServiceProcess]) -> dict[str, float]:
+    import anyio
+
+    from middleware.bench.throughput import summarize
+    from middleware.client import Client
+
+    async with Client(redis_url, namespace=namespace, max_pending=100_000, poll_interval_s=0.5) as client:
+        await _wait_for_heartbeats(client, processes, num_workers=args.workers, timeout_s=args.timeout_s)
+        # Warm-up: the first answered request proves the worker has its models loaded and compiled.
+        warmup_id = await client.submit(prompts[0], method="uniform", budget=WARMUP_BUDGET,
+                                        max_new_tokens=WARMUP_NEW_TOKENS, seed=args.seed)
+        await _await_result(client, warmup_id, processes, args.timeout_s)
+
+        items = [{"prompt": prompt, "method": "uniform", "budget": args.budget, "max_new_tokens": args.max_new_tokens,
+                  "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed + index}
+                 for index, prompt in enumerate(prompts)]
+        done_s: dict[str, float] = {}
+        results: dict[str, Any] = {}
+        start_s = time.perf_counter()
+        request_ids = await client.submit_many(items)
+
+        async def wait_one(request_id: str) -> None:
+            results[request_id] = await _await_result(client, request_id, processes, args.timeout_s)
+            done_s[request_id] = time.perf_counter() - start_s
+
+        async with anyio.create_task_group() as group:
+            for request_id in request_ids:
+                group.start_soon(wait_one, request_id)
+        wall_s = time.perf_counter() - start_s
+    num_samples = sum(result.samples_used for result in results.values())
+    num_tokens = sum(result.num_tokens for result in results.values())
+    return summarize(list(done_s.values()), wall_s, num_samples, num_tokens)
+
+
+async def _await_result(client: Any, request_id: str, processes: list[ServiceProcess], timeout_s: float) -> Any:
+    """The request's result, checking every few seconds that no service process died meanwhile."""
+    from middleware.client import ResultTimeout
+
+    deadline_s = time.monotonic() + timeout_s
+    while True:
+        for service in processes:
+            service.check_alive()
+        try:
+            return await client.result(request_id, timeout_s=min(5.0, max(0.1, deadline_s - time.monotonic())))
+        except ResultTimeout:
+            if time.monotonic() >= deadline_s:
+                raise RuntimeError(f"no result for {request_id} within {timeout_s} s; "
+                                   f"worker log: {processes[-1].log_tail()}") from None
+
+
+async def _wait_for_heartbeats(client: Any, processes: list[ServiceProcess], *, num_workers: int,
+                               timeout_s: float) -> None:
+    import anyio
+
+    deadline_s = time.monotonic() + timeout_s
+    while True:
+        for service in processes:
+            service.check_alive()
+        workers = [key async for key in client.redis.scan_iter(match=client.keys.heartbeat_pattern("worker"))]
+        schedulers = [key async for key in client.redis.scan_iter(match=client.keys.heartbeat_pattern("scheduler"))]
+        if len(workers) >= num_workers and schedulers:
+            return
+        if time.monotonic() > deadline_s:
+            raise RuntimeError(f"services not up within {timeout_s} s (workers {len(workers)}/{num_workers}, "
+                               f"schedulers {len(schedulers)})")
+        await anyio.sleep(0.2)
+
+
+async def _delete_namespace_keys(redis_url: str, namespace: str) -> None:
+    import redis.asyncio as aioredis
+
+    from middleware.bench.ingest import delete_namespace
+
+    connection = aioredis.Redis.from_url(redis_url)
+    try:
+        await delete_namespace(connection, namespace)
+    finally:
+        await connection.aclose()

@@ -1,0 +1,82 @@
+"""Smoke tests of ``alignq bench ingest`` and ``alignq bench throughput`` at tiny sizes.
+
+They check the report's shape and that its numbers are sane (positive, consistent with each other,
+keys cleaned up), never timings: speed is what the benchmarks measure, not what tests assert.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import redis
+
+from middleware.bench.ingest import parse_redis_benchmark_csv, percentile, realistic_explore_rewards
+from middleware.cli import main
+
+REDIS_BENCHMARK_CSV = (
+    '"test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"\n'
+    '"XADD bench:stream * m xxxx","165562.92","0.089","0.048","0.087","0.127","0.175","4.103"\n'
+)
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def test_parse_redis_benchmark_csv_reads_rps() -> None:
+    assert parse_redis_benchmark_csv(REDIS_BENCHMARK_CSV) == pytest.approx(165562.92)
+    with pytest.raises(RuntimeError, match="could not parse"):
+        parse_redis_benchmark_csv("ERR unknown command\n")
+
+
+def test_percentile_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile([3.0], 95) == 3.0
+    assert percentile([], 50) == 0.0
+
+
+def test_realistic_explore_rewards_mix_preference_and_verifiable() -> None:
+    rewards = realistic_explore_rewards(20, 12)
+    assert len(rewards) == 20 and all(len(values) == 12 for values in rewards.values())
+    verifiable = [values for index, values in enumerate(rewards.values()) if index % 2]
+    assert all(set(values) <= {0.0, 1.0} for values in verifiable)
+    assert any(len(set(values)) == 1 for values in rewards.values())  # ties: the KDE floor is exercised
+
+
+def test_ingest_reports_rates_and_cleans_up(redis_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(["bench", "ingest", "--requests", "300", "--chunk-size", "100",
+                              "--redis-benchmark-requests", "5000", "--repeats", "3", "--window", "64",
+                              "--redis-url", redis_url, "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    for key in ("submit_per_s", "submit_many_per_s", "redis_benchmark_xadd_per_s", "submit_many_over_redis",
+                "submit_p50_ms", "submit_p99_ms", "allocation_ms_64"):
+        assert report[key] > 0, key
+    assert report["requests_queued"] == 2 * 300 + 200 + 1  # both phases and the warm-up, all accepted
+    assert report["submit_p50_ms"] <= report["submit_p99_ms"]
+    assert report["submit_many_over_redis"] == pytest.approx(
+        report["submit_many_per_s"] / report["redis_benchmark_xadd_per_s"])
+    assert report["hardware"]["cpu_count"] >= 1
+    connection = redis.Redis.from_url(redis_url)
+    try:
+        assert connection.dbsize() == 0, "the benchmark left keys behind"
+    finally:
+        connection.close()
+
+
+def test_ingest_rejects_bad_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(["bench", "ingest", "--requests", "0"], capsys)
+    assert code == 2 and out == ""
+    assert "--requests" in err and len(err.strip().splitlines()) == 1
+
+
+def test_throughput_rejects_unknown_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(["bench", "throughput", "--modes", "hf_loop,warp"], capsys)
+    assert code == 2 and "--modes" in err
