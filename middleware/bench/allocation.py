@@ -48,7 +48,7 @@ class BenchRow:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pool", required=True, help="pool file (alignq pool build), or synthetic:KIND[:SPREAD]")
+    parser.add_argument("--pool", required=True, help="pool file (alignq pool build), or synthetic:KIND[:SPREAD[:SAMPLES]]")
     parser.add_argument("--k", default="3,5,10,20", help="prompts per batch, comma-separated (default 3,5,10,20)")
     parser.add_argument("--budget", type=int, default=32, help="samples per prompt, B (default 32)")
     parser.add_argument("--explore-fraction", type=float, default=0.75, help="d = round(f·B) (default 0.75)")
@@ -85,8 +85,9 @@ def load_rewards(spec: str, seed: int = 0) -> tuple[list[np.ndarray], dict[str, 
 
     try:
         if spec.startswith("synthetic:"):
-            _, kind, *rest = spec.split(":")
-            pool = synthetic_pool(kind, spread=float(rest[0]) if rest else 11.0, seed=seed)
+            _, kind, *rest = spec.split(":")  # synthetic:KIND[:SPREAD[:SAMPLES]]
+            pool = synthetic_pool(kind, spread=float(rest[0]) if rest else 11.0, seed=seed,
+                                  num_samples=int(rest[1]) if len(rest) > 1 else 192)
         else:
             pool = load_pool(spec)
     except (PoolError, ValueError) as e:
