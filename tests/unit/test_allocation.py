@@ -91,9 +91,9 @@ def test_greedy_equals_brute_force_on_concave_values(seed: int) -> None:
 
 
 def test_greedy_splits_ties_evenly_and_respects_floors_and_caps() -> None:
-    flat = lambda i, a, b: np.zeros(b - a)  # noqa: E731 - nothing to gain anywhere
+    flat = lambda i, a, b: np.zeros(b - a)
     assert greedy_allocate(flat, 4, 10).tolist() == [3, 3, 2, 2]
-    steep = lambda i, a, b: np.full(b - a, 1.0 if i == 0 else 0.1)  # noqa: E731
+    steep = lambda i, a, b: np.full(b - a, 1.0 if i == 0 else 0.1)
     assert greedy_allocate(steep, 3, 9, floors=np.array([0, 2, 1])).tolist() == [6, 2, 1]
     assert greedy_allocate(steep, 3, 9, caps=np.array([4, 9, 9])).tolist() == [4, 3, 2]
     assert greedy_allocate(steep, 2, 9, caps=np.array([2, 2])).sum() == 9  # caps relax, the budget holds

@@ -91,7 +91,8 @@ def _row(rows: list, method: str):
 
 
 def test_adaptive_allocation_wins_where_spreads_differ_and_ties_where_alike() -> None:
-    common = dict(ks=[5], methods=["adabon-eb"], budget=16, explore_fraction=0.5, num_runs=40, num_batches=12, seed=0)
+    common = {"ks": [5], "methods": ["adabon-eb"], "budget": 16, "explore_fraction": 0.5, "num_runs": 40,
+              "num_batches": 12, "seed": 0}
     spread = simulate(synthetic_pool("normal-spread", spread=50.0, num_samples=1024).rewards, **common)
     assert _row(spread, "adabon-eb").median_bwr > 0.55
     assert _row(spread, "adabon-eb").median_est_over_budget > _row(spread, "null").median_est_over_budget
