@@ -1,0 +1,56 @@
+"""``alignq pool build`` and ``alignq bench allocation`` as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RESULT_KEYS = {"k", "method", "budget", "median_bwr", "q1_bwr", "q3_bwr", "frac_bwr_gt_half", "median_est",
+               "median_est_over_budget", "mean_gain"}
+
+
+def alignq(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    return subprocess.run([sys.executable, "-c", "from middleware.cli import main; main()", *args],
+                          check=False, capture_output=True, text=True, timeout=timeout_s, env=env)
+
+
+def test_bench_allocation_json_and_plot(tmp_path: Path) -> None:
+    pool = tmp_path / "bernoulli.jsonl"
+    built = alignq("pool", "build", "--synthetic", "bernoulli", "--samples", "256", "-o", str(pool))
+    assert built.returncode == 0, built.stderr
+    plot = tmp_path / "allocation.png"
+    done = alignq("bench", "allocation", "--pool", str(pool), "--k", "3,5", "--budget", "16", "--runs", "20",
+                  "--batches", "6", "--methods", "adabon-integral,adabon-eb", "--json", "--plot", str(plot))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    rows = report["results"]
+    assert {(r["k"], r["method"]) for r in rows} == {(k, m) for k in (3, 5)
+                                                     for m in ("adabon-integral", "adabon-eb", "null", "oracle")}
+    assert all(RESULT_KEYS <= set(r) and r["budget"] == 16 for r in rows)
+    assert all(0 <= r["q1_bwr"] <= r["median_bwr"] <= r["q3_bwr"] <= 1 for r in rows)
+    eb = next(r for r in rows if r["k"] == 5 and r["method"] == "adabon-eb")
+    assert eb["median_bwr"] > 0.5 and eb["mean_gain"] > 0  # unsolved prompts get the budget
+    assert set(report["allocation_ms_256_prompts"]) == {"uniform", "adabon-integral", "adabon-eb"}
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--pool", "synthetic:nope"], "unknown synthetic pool"),
+        (["--pool", "synthetic:alike", "--k", "5,x"], "--k"),
+        (["--pool", "synthetic:alike", "--methods", "magic"], "unknown allocator"),
+        (["--pool", "/no/such/pool.jsonl"], "alignq pool build"),
+        (["--pool", "synthetic:alike", "--k", "99"], "exceeds"),
+    ],
+)
+def test_bench_allocation_bad_usage_exits_2_with_one_line(args: list[str], message: str) -> None:
+    done = alignq("bench", "allocation", "--runs", "2", "--batches", "1", *args)
+    assert done.returncode == 2
+    assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
