@@ -1,0 +1,445 @@
+"""AISP: adaptive importance sampling on pre-logits (DESIGN.md §4), batched over prompts.
+
+Boundary: this module decodes and loops; the importance math lives in ``workers.aisp_weights``
+(pure functions). It needs a loaded ``Policy`` (any Hugging Face causal LM with an output-embedding
+head) and a ``RewardModel``; it never touches Redis.
+
+How a batch runs (``run_aisp``):
+1. Requests are grouped so one group's rollouts (Σ n) fit ``max_batch`` rows.
+2. Each group's prompts are prefilled once (all but their last token, left-padded); the pre-logit
+   norm ‖z‖ is measured there, which scales a relative σ and the ‖u_t‖ cap.
+3. k iterations: each prompt draws V_i = U + σ ε_i from its own seeded generator, every rollout of
+   every prompt is decoded greedily in the same forward passes (cache rows repeated from the
+   prefill), v_t is added to the pre-logit of the t-th generated token for t ≤ τ by a forward
+   pre-hook on the LM head, rollouts are scored, and U moves to the importance-weighted mean.
+4. The answer is the best-reward rollout over all n·k.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from workers.aisp_weights import importance_step
+try:  # TODO(aisp): drop the fallback once workers.engine lands
+    from workers.engine import GeneratedSample
+except ImportError:  # pragma: no cover
+    @dataclass(slots=True)
+    class GeneratedSample:  # type: ignore[no-redef]
+        index: int
+        text: str
+        reward: float
+        num_tokens: int
+        is_finished: bool
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AispConfig", "AispProgress", "AispRequest", "AispResult", "PrelogitPerturbation", "perturb_prelogits",
+           "run_aisp", "split_budget"]
+
+
+@dataclass(slots=True)
+class AispConfig:
+    num_rollouts: int = 8  # n: rollouts per iteration (per prompt)
+    num_iterations: int = 4  # k when the caller has no budget; a request's budget decides k (split_budget)
+    sigma: float = 0.2  # perturbation scale; relative: E‖σ ε_t‖ ≈ sigma · mean ‖z‖ of the prompt
+    sigma_is_relative: bool = True  # False: sigma is the absolute per-coordinate standard deviation
+    lam: float = 0.3  # λ, temperature of the softmax over (standardised) rewards
+    alpha: float = 0.999  # α, weight of the prior term; 1: weights are softmax(r/λ)
+    horizon_tokens: int | None = None  # τ, perturbed tokens; None: max_new_tokens
+    standardize_rewards: bool = True  # z-score rewards within each iteration before dividing by λ
+    max_u_norm: float | None = 0.3  # cap on ‖u_t‖ relative to mean ‖z‖ (absolute if sigma is); None: no cap
+
+    def validate(self) -> None:
+        if self.num_rollouts < 1 or self.num_iterations < 1:
+            raise ValueError("num_rollouts and num_iterations must be >= 1")
+        if not self.sigma > 0 or not self.lam > 0:
+            raise ValueError("sigma and lam must be > 0")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError("alpha must be in [0, 1]")
+        if self.horizon_tokens is not None and self.horizon_tokens < 0:
+            raise ValueError("horizon_tokens must be >= 0")
+        if self.max_u_norm is not None and self.max_u_norm < 0:
+            raise ValueError("max_u_norm must be >= 0")
+
+
+@dataclass(slots=True)
+class AispRequest:
+    key: str  # caller's id (the job_id)
+    prompt: str | list[dict]  # text, or chat messages
+    budget: int  # rollouts allowed; n·k <= budget are used (split_budget)
+    max_new_tokens: int
+    seed: int = 0  # seeds this prompt's own noise generator: results do not depend on the batch
+    metadata: dict = field(default_factory=dict)  # passed to the reward model
+    config: AispConfig | None = None  # None: the call's config
+
+
+@dataclass(slots=True)
+class AispResult:
+    key: str
+    samples: list[GeneratedSample]  # all rollouts, index = iteration * n + i; len() = rollouts used
+    best_index: int  # index of the best-reward sample; -1 when there are none
+    ess: list[float]  # effective sample size 1/Σw² per iteration
+    iteration_mean: list[float]  # mean reward of each iteration's rollouts
+    iteration_best: list[float]  # best reward within each iteration
+    generate_s: float  # decode time of the group this request ran in (shared by its requests)
+    score_s: float  # reward time of that group
+    error: str | None = None  # reward failed for this request: samples so far, no more iterations
+
+
+@dataclass(slots=True)
+class AispProgress:
+    """What ``run_aisp``'s ``on_iteration`` callback sees after each iteration of a request."""
+
+    key: str
+    iteration: int  # 0-based
+    num_rollouts_done: int  # rollouts of this request so far
+    ess: float
+    reward_mean: float  # this iteration's
+    reward_best: float  # best so far, over all iterations
+    mean: torch.Tensor  # U after the update (τ, d), float32 on CPU; do not modify
+
+
+def split_budget(budget: int, num_rollouts: int) -> tuple[int, int]:
+    """Map a rollout budget N to (n, k): n = min(num_rollouts, N) per iteration, k = N // n iterations.
+
+    So n·k <= N, at most n − 1 rollouts are left unused, and a budget below num_rollouts becomes a
+    single iteration of N rollouts (plain perturbed sampling, no adaptation).
+    """
+    if budget < 1 or num_rollouts < 1:
+        raise ValueError(f"budget and num_rollouts must be >= 1, got {budget}, {num_rollouts}")
+    n = min(num_rollouts, budget)
+    return n, budget // n
+
+
+class PrelogitPerturbation:
+    """Forward pre-hook state for an LM head: adds ``delta`` (rows, d) to each row's last position.
+
+    ``capture`` keeps the head's input (the pre-logits) of the next calls in ``captured``.
+    """
+
+    def __init__(self) -> None:
+        self.delta: torch.Tensor | None = None
+        self.capture = False
+        self.captured: torch.Tensor | None = None
+
+    def __call__(self, module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        hidden = args[0]  # (rows, positions, d)
+        if self.capture:
+            self.captured = hidden.detach()
+        if self.delta is None:
+            return None
+        hidden = hidden.clone()
+        hidden[:, -1, :] += self.delta.to(hidden.dtype)
+        return (hidden, *args[1:])
+
+
+@contextmanager
+def perturb_prelogits(model: torch.nn.Module) -> Iterator[PrelogitPerturbation]:
+    """Hook the model's output-embedding head for the duration of the block; removed even on errors."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output-embedding head: AISP perturbs its input")
+    state = PrelogitPerturbation()
+    handle = head.register_forward_pre_hook(state)
+    try:
+        yield state
+    finally:
+        handle.remove()
+
+
+@dataclass(slots=True)
+class _Prefill:
+    cache: Any  # KV cache of all but the last prompt token, one row per prompt
+    mask: torch.Tensor  # (P, L-1) attention mask of the cached positions
+    last_tokens: torch.Tensor  # (P,) each prompt's last token: the first decode input
+    positions: torch.Tensor  # (P,) position id of that last token
+    mean_norm: torch.Tensor  # (P,) mean ‖z‖ over the prompt's cached positions (float32, CPU)
+    width: int  # d, the pre-logit width
+
+
+@dataclass(slots=True)
+class _Chain:
+    """One request's loop state."""
+
+    request: AispRequest
+    config: AispConfig
+    num_rollouts: int
+    num_iterations: int
+    horizon: int
+    generator: torch.Generator
+    prompt_ids: list[int] = field(default_factory=list)
+    mean: torch.Tensor | None = None  # U (τ, d), float32 on CPU
+    sigma_abs: float = 0.0
+    max_norm_abs: float | None = None
+    result: AispResult | None = None
+
+    @property
+    def is_active(self) -> bool:
+        assert self.result is not None
+        return self.result.error is None and len(self.result.ess) < self.num_iterations
+
+
+def _eos_ids(policy: Any) -> list[int]:
+    ids: set[int] = set()
+    for value in (getattr(policy.model.generation_config, "eos_token_id", None), policy.tokenizer.eos_token_id):
+        if value is not None:
+            ids.update(value if isinstance(value, list) else [value])
+    return sorted(ids)
+
+
+def _encode(policy: Any, prompt: str | list[dict]) -> list[int]:
+    return list(policy.tokenizer(policy.render(prompt), add_special_tokens=False)["input_ids"])
+
+
+def _prefill(policy: Any, state: PrelogitPerturbation, prompts: list[list[int]], pad_id: int) -> _Prefill:
+    """Run all but the last token of each prompt (left-padded) once; measure the pre-logit norms."""
+    device = policy.device
+    width = max(len(ids) for ids in prompts) - 1
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        if len(ids) > 1:
+            input_ids[row, width - len(ids) + 1:] = torch.tensor(ids[:-1])
+            mask[row, width - len(ids) + 1:] = 1
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    input_ids, mask, positions = input_ids.to(device), mask.to(device), positions.to(device)
+    state.capture, state.captured = True, None
+    try:
+        output = policy.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    finally:
+        state.capture = False
+    hidden = state.captured.float()  # (P, L-1, d)
+    state.captured = None
+    norms = hidden.norm(dim=-1) * mask
+    mean_norm = (norms.sum(-1) / mask.sum(-1).clamp_min(1)).cpu()
+    last_tokens = torch.tensor([ids[-1] for ids in prompts], device=device)
+    return _Prefill(output.past_key_values, mask, last_tokens, mask.sum(-1), mean_norm, hidden.shape[-1])
+
+
+def _decode(
+    policy: Any,
+    state: PrelogitPerturbation,
+    prefill: _Prefill,
+    row_prompt: torch.Tensor,  # (R,) prompt of each rollout row
+    perturbations: torch.Tensor,  # (R, τ_max, d) on the device; zero past a row's own τ
+    max_tokens: torch.Tensor,  # (R,) max new tokens of each row
+    eos_ids: list[int],
+    pad_id: int,
+) -> tuple[list[list[int]], list[bool]]:
+    """Greedy rollouts with v_t added to the t-th token's pre-logit; returns tokens (EOS kept) per row."""
+    device = policy.device
+    num_rows = row_prompt.shape[0]
+    cache = copy.deepcopy(prefill.cache)
+    cache.reorder_cache(row_prompt.to(device))  # one cache row per rollout (nanochat's prefill-then-expand)
+    row_prompt = row_prompt.to(device)
+    mask = torch.cat([prefill.mask[row_prompt], torch.ones((num_rows, 1), dtype=torch.long, device=device)], 1)
+    positions = prefill.positions[row_prompt].clone()
+    input_ids = prefill.last_tokens[row_prompt]
+    max_tokens = max_tokens.to(device)
+    eos = torch.tensor(eos_ids, device=device)
+    finished = torch.zeros(num_rows, dtype=torch.bool, device=device)
+    stopped_at_eos = torch.zeros(num_rows, dtype=torch.bool, device=device)
+    steps: list[torch.Tensor] = []
+    horizon = perturbations.shape[1]
+    for step in range(int(max_tokens.max())):
+        state.delta = perturbations[:, step] if step < horizon else None
+        output = policy.model(input_ids=input_ids[:, None], past_key_values=cache, attention_mask=mask,
+                              position_ids=positions[:, None], use_cache=True)
+        state.delta = None
+        next_tokens = output.logits[:, -1, :].argmax(dim=-1)
+        next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
+        steps.append(next_tokens)
+        is_eos = torch.isin(next_tokens, eos) & ~finished
+        stopped_at_eos |= is_eos
+        finished |= is_eos | (step + 1 >= max_tokens)
+        if bool(finished.all()):
+            break
+        cache = output.past_key_values
+        input_ids = next_tokens
+        mask = torch.cat([mask, torch.ones((num_rows, 1), dtype=torch.long, device=device)], 1)
+        positions = positions + 1
+    tokens = torch.stack(steps, 1).cpu() if steps else torch.zeros((num_rows, 0), dtype=torch.long)
+    is_eos_row = stopped_at_eos.cpu().tolist()
+    rows: list[list[int]] = []
+    for row in range(num_rows):
+        ids = tokens[row].tolist()
+        limit = int(max_tokens[row])
+        if is_eos_row[row]:
+            limit = min(limit, next(i for i, t in enumerate(ids) if t in eos_ids) + 1)
+        rows.append(ids[:limit])
+    return rows, is_eos_row
+
+
+def _new_chain(request: AispRequest, default: AispConfig) -> _Chain:
+    config = request.config or default
+    config.validate()
+    if request.max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    num_rollouts, num_iterations = split_budget(request.budget, config.num_rollouts)
+    horizon = request.max_new_tokens if config.horizon_tokens is None else min(config.horizon_tokens,
+                                                                                request.max_new_tokens)
+    generator = torch.Generator().manual_seed(request.seed)
+    chain = _Chain(request, config, num_rollouts, num_iterations, horizon, generator)
+    chain.result = AispResult(request.key, [], -1, [], [], [], 0.0, 0.0)
+    return chain
+
+
+def _score(reward: Any, chains: list[_Chain], texts: list[list[str]]) -> list[list[float] | str]:
+    """Rewards per chain, or an error string for a chain whose scoring failed (others unaffected)."""
+
+    def one_call(batch: list[_Chain], batch_texts: list[list[str]]) -> list[list[float]]:
+        prompts = [c.request.prompt for c, ts in zip(batch, batch_texts) for _ in ts]
+        metadata = [c.request.metadata for c, ts in zip(batch, batch_texts) for _ in ts]
+        flat = [float(r) for r in reward.score(prompts, [t for ts in batch_texts for t in ts], metadata)]
+        if len(flat) != len(prompts):
+            raise ValueError(f"reward returned {len(flat)} scores for {len(prompts)} responses")
+        out, start = [], 0
+        for ts in batch_texts:
+            out.append(flat[start:start + len(ts)])
+            start += len(ts)
+        return out
+
+    try:
+        scored: list[list[float] | str] = list(one_call(chains, texts))
+    except Exception:  # user reward code: isolate the request that breaks it
+        scored = []
+        for chain, chain_texts in zip(chains, texts):
+            try:
+                scored.append(one_call([chain], [chain_texts])[0])
+            except Exception as e:
+                scored.append(f"reward failed: {type(e).__name__}: {e}")
+    for i, rewards in enumerate(scored):
+        if not isinstance(rewards, str) and not all(math.isfinite(r) for r in rewards):
+            scored[i] = "reward failed: NaN or inf reward"
+    return scored
+
+
+def _run_group(policy: Any, reward: Any, chains: list[_Chain], state: PrelogitPerturbation, max_batch: int,
+               on_iteration: Callable[[AispProgress], None] | None) -> None:
+    tokenizer = policy.tokenizer
+    eos_ids = _eos_ids(policy)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    generate_s = score_s = 0.0
+    start = time.perf_counter()
+    prefill = _prefill(policy, state, [c.prompt_ids for c in chains], pad_id)
+    width = prefill.width
+    for p, chain in enumerate(chains):
+        norm = float(prefill.mean_norm[p])
+        relative = chain.config.sigma_is_relative
+        chain.sigma_abs = chain.config.sigma * norm / math.sqrt(width) if relative else chain.config.sigma
+        cap = chain.config.max_u_norm
+        chain.max_norm_abs = None if cap is None else cap * norm if relative else cap
+        chain.mean = torch.zeros((chain.horizon, width))
+        logger.debug("aisp key=%s prelogit_norm=%.2f sigma_abs=%.4g", chain.request.key, norm, chain.sigma_abs)
+    generate_s += time.perf_counter() - start
+    while active := [(p, c) for p, c in enumerate(chains) if c.is_active]:
+        # 1. V_i = U + σ ε_i from each prompt's own generator: (n, τ, d) per chain
+        start = time.perf_counter()
+        horizon = max(c.horizon for _, c in active)
+        draws = [c.mean + c.sigma_abs * torch.randn((c.num_rollouts, c.horizon, width), generator=c.generator)
+                 for _, c in active]
+        row_prompt = torch.tensor([p for p, c in active for _ in range(c.num_rollouts)])
+        max_tokens = torch.tensor([c.request.max_new_tokens for _, c in active for _ in range(c.num_rollouts)])
+        padded = torch.zeros((len(row_prompt), horizon, width))
+        row = 0
+        for draw in draws:
+            padded[row:row + draw.shape[0], :draw.shape[1]] = draw
+            row += draw.shape[0]
+        # 2. greedy rollouts of every prompt's rows together, max_batch rows per forward pass
+        padded = padded.to(policy.device, policy.dtype)
+        tokens: list[list[int]] = []
+        is_eos: list[bool] = []
+        for lo in range(0, len(row_prompt), max_batch):
+            chunk_tokens, chunk_eos = _decode(policy, state, prefill, row_prompt[lo:lo + max_batch],
+                                              padded[lo:lo + max_batch], max_tokens[lo:lo + max_batch],
+                                              eos_ids, pad_id)
+            tokens += chunk_tokens
+            is_eos += chunk_eos
+        texts_flat = tokenizer.batch_decode([[t for t in ids if t not in eos_ids] for ids in tokens],
+                                            skip_special_tokens=True)
+        generate_s += time.perf_counter() - start
+        # 3. rewards, per chain
+        start = time.perf_counter()
+        texts, row = [], 0
+        for _, c in active:
+            texts.append(texts_flat[row:row + c.num_rollouts])
+            row += c.num_rollouts
+        scored = _score(reward, [c for _, c in active], texts)
+        score_s += time.perf_counter() - start
+        # 4. importance step per chain (n and τ may differ between requests)
+        row = 0
+        for (_, chain), draw, rewards, chain_texts in zip(active, draws, scored, texts):
+            result = chain.result
+            assert result is not None and chain.mean is not None
+            rows = range(row, row + chain.num_rollouts)
+            row += chain.num_rollouts
+            if isinstance(rewards, str):
+                result.error = rewards
+                logger.warning("aisp key=%s iteration=%d %s", chain.request.key, len(result.ess), rewards)
+                continue
+            iteration = len(result.ess)
+            for i, (r, text) in enumerate(zip(rows, chain_texts)):
+                result.samples.append(GeneratedSample(index=iteration * chain.num_rollouts + i, text=text,
+                                                      reward=rewards[i], num_tokens=len(tokens[r]),
+                                                      is_finished=is_eos[r]))
+            new_mean, _, ess = importance_step(
+                torch.tensor([rewards], dtype=torch.float64), chain.mean[None], draw[None],
+                sigma=chain.sigma_abs, lam=chain.config.lam, alpha=chain.config.alpha,
+                standardize=chain.config.standardize_rewards, max_norm=chain.max_norm_abs)
+            chain.mean = new_mean[0].float()
+            result.ess.append(float(ess[0]))
+            result.iteration_mean.append(sum(rewards) / len(rewards))
+            result.iteration_best.append(max(rewards))
+            logger.info("aisp key=%s iteration=%d ess=%.2f reward_mean=%.4f reward_best=%.4f u_norm=%.3f",
+                        chain.request.key, iteration, result.ess[-1], result.iteration_mean[-1],
+                        result.iteration_best[-1], float(chain.mean.norm(dim=-1).mean()))
+            if on_iteration is not None:
+                on_iteration(AispProgress(chain.request.key, iteration, len(result.samples), result.ess[-1],
+                                          result.iteration_mean[-1], max(result.iteration_best), chain.mean))
+    for chain in chains:
+        assert chain.result is not None
+        chain.result.generate_s, chain.result.score_s = generate_s, score_s
+        if chain.result.samples:
+            chain.result.best_index = max(chain.result.samples, key=lambda s: s.reward).index
+
+
+def run_aisp(policy: Any, reward: Any, requests: Sequence[AispRequest], config: AispConfig,
+             *, max_batch: int = 64, on_iteration: Callable[[AispProgress], None] | None = None
+             ) -> list[AispResult]:
+    """Run the AISP loop for each request; results in the requests' order.
+
+    Requests share forward passes in groups of at most ``max_batch`` rollout rows (a request with more
+    rollouts than that is decoded in chunks). A request's result depends only on its prompt, seed,
+    budget and config, not on the other requests in the batch. ``on_iteration`` is called after each
+    iteration of each request (progress events, diagnostics).
+    """
+    if max_batch < 1:
+        raise ValueError("max_batch must be >= 1")
+    chains = [_new_chain(request, config) for request in requests]
+    runnable = []
+    for chain in chains:
+        assert chain.result is not None
+        chain.prompt_ids = _encode(policy, chain.request.prompt)
+        if len(chain.prompt_ids) < 2:  # the first rollout token is decoded from the cached prompt
+            chain.result.error = "prompt too short: it must render to at least 2 tokens"
+        else:
+            runnable.append(chain)
+    groups: list[list[_Chain]] = []
+    for chain in runnable:
+        if groups and sum(c.num_rollouts for c in groups[-1]) + chain.num_rollouts <= max_batch:
+            groups[-1].append(chain)
+        else:
+            groups.append([chain])
+    with torch.inference_mode(), perturb_prelogits(policy.model) as state:
+        for group in groups:
+            _run_group(policy, reward, group, state, max_batch, on_iteration)
+    return [chain.result for chain in chains if chain.result is not None]
