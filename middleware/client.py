@@ -378,12 +378,13 @@ class Client:
             yield None
 
     async def results_as_completed(self, request_ids: Sequence[str], *, timeout_s: float | None = None,
-                                   chunk_size: int = 1000) -> AsyncIterator[AlignResult]:
+                                   chunk_size: int = 1000, max_poll_s: float = 0.25) -> AsyncIterator[AlignResult]:
         """Yield each request's result as it is stored, polling all of them with one MGET per chunk.
 
         Scales to thousands of requests on one connection. Never raises for one request: a lost
         request yields an error result with code ``lost``, and at ``timeout_s`` every unanswered one
-        yields an error result with code ``deadline_exceeded``.
+        yields an error result with code ``deadline_exceeded``. Polls every 20 ms while results
+        arrive, backing off to ``max_poll_s`` when idle.
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         outstanding = list(dict.fromkeys(request_ids))
@@ -413,7 +414,7 @@ class Client:
                 for request_id in outstanding:
                     yield _error_result(request_id, ErrorCode.DEADLINE_EXCEEDED, f"no answer within {timeout_s} s")
                 return
-            idle_poll_s = 0.02 if num_found else min(self.poll_interval_s, idle_poll_s * 1.5)
+            idle_poll_s = 0.02 if num_found else min(max_poll_s, idle_poll_s * 1.5)
             sleep_s = idle_poll_s if deadline is None else max(0.0, min(idle_poll_s, deadline - time.monotonic()))
             await anyio.sleep(sleep_s)
 
