@@ -408,15 +408,24 @@ async def serve_gateway(settings: GatewaySettings, *, redis: aioredis.Redis | No
 
 
 def run_gateway(settings: GatewaySettings) -> int:
-    """``alignq gateway``: serve the HTTP API until stopped; the exit code."""
+    """``alignq gateway``: serve the HTTP API until SIGINT/SIGTERM; 0 after a graceful stop."""
+    import signal
+    import threading
+
     if not settings.redis_url:
         raise UsageError("the gateway needs a Redis: set ALIGNQ_REDIS_URL (or run `alignq serve`, which starts one)")
+    # uvicorn re-raises the signal that stopped it once it has shut down; with these handlers in
+    # place that re-raise is a no-op, so a graceful stop exits 0 instead of dying by the signal.
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, lambda *_: None)
     try:
         asyncio.run(serve_gateway(settings))
-    except RuntimeError as e:
-        logger.error("%s", e)
-        return 1
-    except (OSError, ValidationError) as e:
+    except (RuntimeError, OSError, ValidationError) as e:
         logger.error("gateway failed: %s", e)
         return 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0

@@ -324,3 +324,59 @@ async def test_healthz_and_metrics_move(redis_url: str) -> None:
                 assert after[("alignq_gateway_request_seconds_count", (("endpoint", "/v1/chat/completions"),))] == 1
 
         await with_scheduler(scheduler, body)
+
+
+async def test_sigterm_lets_an_in_flight_stream_finish(redis_url: str) -> None:
+    import os
+    import signal
+    import sys
+
+    from gateway_support import free_port
+
+    port = free_port()
+    code = ("import sys; from middleware.gateway import run_gateway; from middleware.settings import GatewaySettings; "
+            f"sys.exit(run_gateway(GatewaySettings(port={port})))")
+    env = {**os.environ, "ALIGNQ_REDIS_URL": redis_url}
+    terminated = anyio.Event()
+
+    async def answer_after_sigterm(request: AlignRequest) -> None:
+        await terminated.wait()
+        await anyio.sleep(0.5)
+
+    scheduler = StandInScheduler(redis_url, before_answer=answer_after_sigterm)
+    async with await anyio.open_process([sys.executable, "-c", code], env=env) as process:
+
+        async def body() -> None:
+            async with httpx.AsyncClient(timeout=30) as http:
+                for _ in range(200):
+                    try:
+                        if (await http.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        await anyio.sleep(0.05)
+                payload = {"messages": [{"role": "user", "content": "finish me"}], "stream": True}
+                async with http.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=payload) as response:
+                    lines = []
+                    async for line in response.aiter_lines():
+                        lines.append(line)
+                        if '"queued"' in line and not terminated.is_set():
+                            process.send_signal(signal.SIGTERM)
+                            terminated.set()
+            data = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+            assert data[-1] == "[DONE]"  # the stream in flight at SIGTERM was finished, not cut
+            chunks = [json.loads(d) for d in data[:-1]]
+            assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == \
+                "the best answer here"
+
+        await with_scheduler(scheduler, body)
+        with anyio.fail_after(15):
+            assert await process.wait() == 0
+
+
+def test_run_gateway_needs_a_redis_url() -> None:
+    from middleware.errors import UsageError
+    from middleware.gateway import run_gateway
+    from middleware.settings import GatewaySettings
+
+    with pytest.raises(UsageError, match="ALIGNQ_REDIS_URL"):
+        run_gateway(GatewaySettings(redis_url=None))
