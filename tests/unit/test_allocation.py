@@ -184,3 +184,20 @@ def test_integral_matches_the_expected_maximum_of_normals() -> None:
 def test_identical_rewards_keep_finite_values() -> None:
     counts = allocate([[0.5] * 8, [0.5] * 8, [0.2, 0.8] * 4], [4, 4, 4], method="adabon-integral")
     assert counts.sum() == 12 and counts[2] == 12
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_vectorised_greedy_matches_the_heap(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    num_prompts = 12
+    rewards = rng.normal(0, 1, (num_prompts, 6)) * rng.uniform(0.1, 3, (num_prompts, 1))
+    gains = MixtureGains.from_components(rewards, np.full(rewards.shape, 0.3), np.full(rewards.shape, 1 / 6),
+                                         rewards.max(axis=1))
+    floors = rng.integers(0, 3, num_prompts)
+    caps = floors + rng.integers(1, 40, num_prompts)
+    for total in (int(floors.sum()) + 3, 60, 200):
+        fast = greedy_allocate(gains, num_prompts, total, floors=floors, caps=caps)
+        heap = greedy_allocate(lambda i, a, b: gains(i, a, b), num_prompts, total, floors=floors, caps=caps)
+        assert fast.tolist() == heap.tolist() and fast.sum() == total
+    bernoulli = BernoulliGains(np.full(4, 0.5), np.array([3.0, 8.0, 20.0, 1.0]), np.array([False, False, False, True]))
+    assert greedy_allocate(bernoulli, 4, 30).tolist() == greedy_allocate(lambda i, a, b: bernoulli(i, a, b), 4, 30).tolist()
