@@ -24,11 +24,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from workers.aisp_weights import importance_step
+from workers.errors import RewardError
+
 try:  # TODO(aisp): drop the fallback once workers.engine lands
     from workers.engine import GeneratedSample
 except ImportError:  # pragma: no cover
@@ -39,6 +41,10 @@ except ImportError:  # pragma: no cover
         reward: float
         num_tokens: int
         is_finished: bool
+
+if TYPE_CHECKING:
+    from workers.models import Policy
+    from workers.reward import RewardModel
 
 logger = logging.getLogger(__name__)
 
@@ -188,18 +194,6 @@ class _Chain:
         return self.result.error is None and len(self.result.ess) < self.num_iterations
 
 
-def _eos_ids(policy: Any) -> list[int]:
-    ids: set[int] = set()
-    for value in (getattr(policy.model.generation_config, "eos_token_id", None), policy.tokenizer.eos_token_id):
-        if value is not None:
-            ids.update(value if isinstance(value, list) else [value])
-    return sorted(ids)
-
-
-def _encode(policy: Any, prompt: str | list[dict]) -> list[int]:
-    return list(policy.tokenizer(policy.render(prompt), add_special_tokens=False)["input_ids"])
-
-
 def _prefill(policy: Any, state: PrelogitPerturbation, prompts: list[list[int]], pad_id: int) -> _Prefill:
     """Run all but the last token of each prompt (left-padded) once; measure the pre-logit norms."""
     device = policy.device
@@ -301,7 +295,7 @@ def _score(reward: Any, chains: list[_Chain], texts: list[list[str]]) -> list[li
         metadata = [c.request.metadata for c, ts in zip(batch, batch_texts) for _ in ts]
         flat = [float(r) for r in reward.score(prompts, [t for ts in batch_texts for t in ts], metadata)]
         if len(flat) != len(prompts):
-            raise ValueError(f"reward returned {len(flat)} scores for {len(prompts)} responses")
+            raise RewardError(f"reward returned {len(flat)} scores for {len(prompts)} responses")
         out, start = [], 0
         for ts in batch_texts:
             out.append(flat[start:start + len(ts)])
@@ -310,13 +304,13 @@ def _score(reward: Any, chains: list[_Chain], texts: list[list[str]]) -> list[li
 
     try:
         scored: list[list[float] | str] = list(one_call(chains, texts))
-    except Exception:  # user reward code: isolate the request that breaks it
+    except RewardError:  # isolate the request that breaks the reward; the others go on
         scored = []
         for chain, chain_texts in zip(chains, texts):
             try:
                 scored.append(one_call([chain], [chain_texts])[0])
-            except Exception as e:
-                scored.append(f"reward failed: {type(e).__name__}: {e}")
+            except RewardError as e:
+                scored.append(f"reward failed: {e}")
     for i, rewards in enumerate(scored):
         if not isinstance(rewards, str) and not all(math.isfinite(r) for r in rewards):
             scored[i] = "reward failed: NaN or inf reward"
@@ -326,7 +320,7 @@ def _score(reward: Any, chains: list[_Chain], texts: list[list[str]]) -> list[li
 def _run_group(policy: Any, reward: Any, chains: list[_Chain], state: PrelogitPerturbation, max_batch: int,
                on_iteration: Callable[[AispProgress], None] | None) -> None:
     tokenizer = policy.tokenizer
-    eos_ids = _eos_ids(policy)
+    eos_ids = policy.eos_token_ids()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     generate_s = score_s = 0.0
     start = time.perf_counter()
@@ -412,7 +406,7 @@ def _run_group(policy: Any, reward: Any, chains: list[_Chain], state: PrelogitPe
             chain.result.best_index = max(chain.result.samples, key=lambda s: s.reward).index
 
 
-def run_aisp(policy: Any, reward: Any, requests: Sequence[AispRequest], config: AispConfig,
+def run_aisp(policy: Policy, reward: RewardModel, requests: Sequence[AispRequest], config: AispConfig,
              *, max_batch: int = 64, on_iteration: Callable[[AispProgress], None] | None = None
              ) -> list[AispResult]:
     """Run the AISP loop for each request; results in the requests' order.
@@ -428,7 +422,7 @@ def run_aisp(policy: Any, reward: Any, requests: Sequence[AispRequest], config: 
     runnable = []
     for chain in chains:
         assert chain.result is not None
-        chain.prompt_ids = _encode(policy, chain.request.prompt)
+        chain.prompt_ids = policy.encode(chain.request.prompt)
         if len(chain.prompt_ids) < 2:  # the first rollout token is decoded from the cached prompt
             chain.result.error = "prompt too short: it must render to at least 2 tokens"
         else:

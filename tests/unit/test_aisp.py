@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -11,40 +10,25 @@ import pytest
 import torch
 
 from workers.aisp import AispConfig, AispProgress, AispRequest, perturb_prelogits, run_aisp, split_budget
+from workers.errors import RewardError
+from workers.models import Policy, load_policy
 
 torch.set_num_threads(1)
 
 PROMPTS = ["Tell me a story about a cat.", "Hi", "What is two plus two? Answer briefly, please, with a number."]
 
 
-@dataclasses.dataclass
-class _Policy:  # TODO(aisp): use workers.models.load_policy when it lands
-    model: Any
-    tokenizer: Any
-    device: torch.device
-    dtype: torch.dtype
-    name: str
-
-    def render(self, prompt: str | list[dict]) -> str:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+_POLICIES: dict[pathlib.Path, Policy] = {}
 
 
-_POLICIES: dict[pathlib.Path, _Policy] = {}
-
-
-def _load(path: pathlib.Path) -> _Policy:
+def _load(path: pathlib.Path) -> Policy:
     if path not in _POLICIES:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        _POLICIES[path] = _Policy(model, tokenizer, torch.device("cpu"), torch.float32, path.name)
+        _POLICIES[path] = load_policy(str(path), device="cpu", dtype="float32")
     return _POLICIES[path]
 
 
 @pytest.fixture
-def llama(tiny_llama_dir: pathlib.Path) -> _Policy:
+def llama(tiny_llama_dir: pathlib.Path) -> Policy:
     return _load(tiny_llama_dir)
 
 
@@ -54,7 +38,7 @@ class DistinctWords:
     def score(self, prompts: Sequence[Any], responses: Sequence[str],
               metadata: Sequence[Mapping[str, Any]] | None = None) -> list[float]:
         if metadata and any(m.get("fail") for m in metadata):
-            raise RuntimeError("scorer exploded")
+            raise RewardError("scorer exploded")
         out = []
         for text in responses:
             words = text.split()
@@ -62,7 +46,7 @@ class DistinctWords:
         return out
 
 
-def _head_hooks(policy: _Policy) -> int:
+def _head_hooks(policy: Policy) -> int:
     return len(policy.model.get_output_embeddings()._forward_pre_hooks)
 
 
@@ -84,7 +68,7 @@ def test_tiny_sigma_reproduces_greedy_generate(kind: str, tiny_llama_dir: pathli
     results = run_aisp(policy, DistinctWords(), requests, config)
     tokenizer = policy.tokenizer
     for request, result in zip(requests, results):
-        ids = tokenizer(policy.render(request.prompt), add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = torch.tensor([policy.encode(request.prompt)])
         with torch.inference_mode():
             out = policy.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
                                         pad_token_id=tokenizer.eos_token_id)
@@ -96,7 +80,7 @@ def test_tiny_sigma_reproduces_greedy_generate(kind: str, tiny_llama_dir: pathli
     assert _head_hooks(policy) == 0
 
 
-def test_hook_removed_on_exception(llama: _Policy) -> None:
+def test_hook_removed_on_exception(llama: Policy) -> None:
     class Stop(BaseException):
         pass
 
@@ -104,17 +88,16 @@ def test_hook_removed_on_exception(llama: _Policy) -> None:
         def score(self, prompts: Any, responses: Any, metadata: Any = None) -> list[float]:
             raise Stop
 
-    with pytest.raises(RuntimeError):
-        with perturb_prelogits(llama.model) as state:
-            assert _head_hooks(llama) == 1 and state.delta is None
-            raise RuntimeError
+    with pytest.raises(RuntimeError), perturb_prelogits(llama.model) as state:
+        assert _head_hooks(llama) == 1 and state.delta is None
+        raise RuntimeError
     assert _head_hooks(llama) == 0
     with pytest.raises(Stop):
         run_aisp(llama, Exploding(), [AispRequest("a", "Hello there", budget=2, max_new_tokens=3)], AispConfig())
     assert _head_hooks(llama) == 0
 
 
-def test_perturbation_changes_outputs_and_results_are_complete(llama: _Policy) -> None:
+def test_perturbation_changes_outputs_and_results_are_complete(llama: Policy) -> None:
     config = AispConfig(num_rollouts=4, sigma=1.0)
     [result] = run_aisp(llama, DistinctWords(), [AispRequest("a", PROMPTS[0], budget=12, max_new_tokens=10)], config)
     assert [s.index for s in result.samples] == list(range(12))
@@ -125,7 +108,7 @@ def test_perturbation_changes_outputs_and_results_are_complete(llama: _Policy) -
     assert all(s.num_tokens <= 10 for s in result.samples)
 
 
-def test_reward_failure_is_isolated(llama: _Policy) -> None:
+def test_reward_failure_is_isolated(llama: Policy) -> None:
     requests = [AispRequest("ok", PROMPTS[0], budget=4, max_new_tokens=4),
                 AispRequest("bad", PROMPTS[2], budget=4, max_new_tokens=4, metadata={"fail": True})]
     ok, bad = run_aisp(llama, DistinctWords(), requests, AispConfig(num_rollouts=2))
@@ -133,7 +116,7 @@ def test_reward_failure_is_isolated(llama: _Policy) -> None:
     assert bad.error is not None and "scorer exploded" in bad.error and bad.samples == []
 
 
-def test_batched_equals_alone(llama: _Policy) -> None:
+def test_batched_equals_alone(llama: Policy) -> None:
     config = AispConfig(num_rollouts=4, sigma=0.8)
     requests = [AispRequest(f"p{i}", p, budget=8, max_new_tokens=8, seed=10 + i) for i, p in enumerate(PROMPTS)]
     batched = run_aisp(llama, DistinctWords(), requests, config)
@@ -152,7 +135,7 @@ class DirectionReward:
     it prefers one direction in pre-logit space.
     """
 
-    def __init__(self, policy: _Policy, direction: torch.Tensor) -> None:
+    def __init__(self, policy: Policy, direction: torch.Tensor) -> None:
         self.tokenizer = policy.tokenizer
         projection = policy.model.get_output_embeddings().weight.detach() @ direction
         self.projection = projection / projection.std()
@@ -166,7 +149,7 @@ class DirectionReward:
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
-def test_mean_moves_towards_rewarded_direction(llama: _Policy, sign: float) -> None:
+def test_mean_moves_towards_rewarded_direction(llama: Policy, sign: float) -> None:
     # σ = 2‖z‖: the random tiny model's greedy output barely moves below ~‖z‖ (tied embeddings repeat tokens)
     direction = sign * torch.nn.functional.normalize(torch.randn(llama.model.config.hidden_size,
                                                                  generator=torch.Generator().manual_seed(3)), dim=0)
