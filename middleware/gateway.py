@@ -66,6 +66,7 @@ from schemas import AlignRequest, AlignResult, ErrorCode, Keys, ResultStatus
 logger = logging.getLogger(__name__)
 
 MAX_BATCH_ITEMS = 10_000
+MAX_BODY_BYTES = 32 * 1024 * 1024  # a batch of large prompts; one prompt is capped far lower by the schema
 HEARTBEAT_S = 2.0
 KEEPALIVE_S = 10.0
 
@@ -86,7 +87,7 @@ class GatewayError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
         self.headers = dict(headers or {})
-        if status in (400, 401, 404, 504) or (status == 500 and code != "internal"):
+        if status in (400, 401, 404, 413, 504) or (status == 500 and code != "internal"):
             self.headers.setdefault("x-should-retry", "false")
 
     def body(self) -> dict[str, Any]:
@@ -147,6 +148,23 @@ class HttpMetricsMiddleware:
                 telemetry.record_http(_endpoint_label(scope["path"]), status, time.perf_counter() - started)
 
 
+class BodyLimitMiddleware:
+    """413 in OpenAI's shape for a declared body above ``MAX_BODY_BYTES``, before it is read."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            length = dict(scope.get("headers", [])).get(b"content-length", b"0")
+            if length.isdigit() and int(length) > MAX_BODY_BYTES:
+                error = GatewayError(413, f"body of {int(length)} bytes is over the limit of {MAX_BODY_BYTES}",
+                                     code="body_too_large")
+                await JSONResponse(error.body(), status_code=413, headers=error.headers)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class BatchBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -187,6 +205,7 @@ def create_app(settings: GatewaySettings, *, redis: aioredis.Redis | None = None
     app = FastAPI(title="alignq gateway", version="1", lifespan=lifespan)
     app.state.settings = settings
 
+    app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(HttpMetricsMiddleware, telemetry_of=lambda: getattr(app.state, "telemetry", None))
 
     @app.exception_handler(GatewayError)

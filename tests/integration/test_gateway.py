@@ -226,6 +226,16 @@ async def test_bad_input_is_400_in_openai_shape(redis_url: str, path: str, paylo
     assert raw.status_code == 400
 
 
+async def test_oversize_body_is_413(redis_url: str) -> None:
+    from middleware.gateway import MAX_BODY_BYTES
+
+    with running_gateway(redis_url) as base_url:
+        async with httpx.AsyncClient() as http:
+            response = await http.post(f"{base_url}/v1/completions", content=b"x" * (MAX_BODY_BYTES + 1),
+                                       headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+
+
 async def test_deadline_is_504(redis_url: str) -> None:
     def late(request: AlignRequest) -> AlignResult:
         return AlignResult(request_id=request.request_id, status=ResultStatus.ERROR, method=request.method,
