@@ -448,15 +448,15 @@ class SchedulerCore:
         best = ranked[0] if ranked and math.isfinite(ranked[0].reward) else None
         request = state.request
         num_explore = sum(1 for i in state.samples if i < state.num_explore) if request.method == Method.BON else 0
-        common = dict(
-            request_id=request.request_id, method=request.method, samples_used=len(ranked),
-            num_tokens=sum(s.num_tokens for s in ranked), samples=ranked,
-            explore_samples=num_explore, exploit_samples=len(ranked) - num_explore if request.method == Method.BON else 0,
-            queued_s=max(0.0, (state.taken_at_ms - request.submitted_at_ms) / 1000),
-            total_s=max(0.0, (now_ms - request.submitted_at_ms) / 1000),
-            generate_s=state.generate_s, score_s=state.score_s, scheduler_id=self.config.scheduler_id,
-            stats=dict(state.stats), completed_at_ms=now_ms,
-        )
+        common = {
+            "request_id": request.request_id, "method": request.method, "samples_used": len(ranked),
+            "num_tokens": sum(s.num_tokens for s in ranked), "samples": ranked,
+            "explore_samples": num_explore, "exploit_samples": len(ranked) - num_explore if request.method == Method.BON else 0,
+            "queued_s": max(0.0, (state.taken_at_ms - request.submitted_at_ms) / 1000),
+            "total_s": max(0.0, (now_ms - request.submitted_at_ms) / 1000),
+            "generate_s": state.generate_s, "score_s": state.score_s, "scheduler_id": self.config.scheduler_id,
+            "stats": dict(state.stats), "completed_at_ms": now_ms,
+        }
         if best is None:
             error = partial_error or (state.errors[0] if state.errors else ErrorInfo(
                 code=ErrorCode.REWARD_FAILED, message="no sample has a finite reward"))

@@ -26,6 +26,9 @@ class SchedulerSettings(BaseSettings):
     heartbeat_ms: int = Field(default=2_000, ge=50, description="Heartbeat and lease-renewal period (ms)")
     max_deliveries: int = Field(default=3, ge=1, description="Deliveries of a request before it is dead-lettered")
     result_ttl_s: int = Field(default=3_600, ge=1, description="How long results and events are kept (s)")
+    scheduler_id: str | None = Field(default=None, description="Consumer name of this scheduler; none: host-pid-random")
+    max_in_flight: int = Field(default=256, ge=1, description="Requests one scheduler holds at once (the rest wait in Redis)")
+    shutdown_grace_s: float = Field(default=30.0, ge=0, description="On SIGTERM, time (s) to finish in-flight windows")
     log_level: str = Field(default="INFO", description="Logging level")
 
 

@@ -63,6 +63,11 @@ class StreamConsumer:
         self._own_cursor: str | None = "0"  # None once our pending entries are drained
         self._claim_cursor = "0-0"
 
+    @property
+    def is_reading_own_pending(self) -> bool:
+        """True while ``read`` still returns entries delivered to this consumer before (a restart)."""
+        return self._own_cursor is not None
+
     async def ensure_group(self) -> None:
         """Create the group (and the stream) from the beginning of the stream; an existing group is fine."""
         try:

@@ -24,8 +24,8 @@ T0 = 1_000_000
 
 
 def make_core(**overrides: object) -> SchedulerCore:
-    options = dict(scheduler_id="s1", default_budget=8, max_budget=64, explore_fraction=0.5, allocator="adabon",
-                   max_window=4, window_ms=50)
+    options = {"scheduler_id": "s1", "default_budget": 8, "max_budget": 64, "explore_fraction": 0.5, "allocator": "adabon",
+                   "max_window": 4, "window_ms": 50}
     options.update(overrides)
     return SchedulerCore(CoreConfig(**options))  # type: ignore[arg-type]
 

@@ -1,0 +1,431 @@
+"""The scheduler service: the async shell around ``SchedulerCore``. Model-free; talks only to Redis.
+
+One task group owns every loop:
+
+    intake      XREADGROUP keys.requests (group "schedulers"; own pending first), validate, admit
+    tick        close windows after window_ms, answer requests past their deadline
+    samples     XREAD keys.samples(scheduler_id): worker replies -> core -> jobs / events / answers
+    janitor     XAUTOCLAIM requests of dead schedulers; recover replies that went elsewhere (kept samples)
+    heartbeat   SET keys.heartbeat EX; XCLAIM our in-flight entries to ourselves (the lease)
+    telemetry   flush metric increments to Redis
+
+Each answer is published by ``ANSWER_LUA``: SET NX the request's claim marker and, only if it was
+set, store the result, XADD the terminal event and drop the request from the pending set; in every
+case XACK the request entry. A scheduler killed between publishing and acking leaves an entry that
+another scheduler reclaims, finds claimed, and acks: one result per request_id.
+
+Shutdown (``stop`` set, e.g. by SIGTERM): intake and janitor stop; the forming window launches;
+in-flight requests get ``shutdown_grace_s`` to finish; the rest stay un-acked for another scheduler.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from middleware.metrics import Telemetry
+from middleware.scheduler_core import Answer, CoreConfig, Plan, SchedulerCore, error_result
+from middleware.settings import SchedulerSettings
+from middleware.streams import StreamConsumer, StreamEntry, dead_letter
+from schemas import (
+    PAYLOAD_FIELD,
+    SCHEDULER_GROUP,
+    AlignRequest,
+    ErrorCode,
+    ErrorInfo,
+    Event,
+    EventKind,
+    Keys,
+    ResultStatus,
+    Sample,
+    SampleSet,
+    SchemaError,
+    decode,
+    encode,
+    now_ms,
+    salvage_request_id,
+)
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+SOCKET_TIMEOUT_S = 10.0  # every Redis call is bounded; blocking reads use far less
+READ_BLOCK_MS = 250
+MAX_BACKOFF_S = 2.0
+ANSWER_TIMEOUT_S = 15.0  # a shielded answer still gives up eventually (the entry stays for reclaim)
+SAMPLES_STREAM_TTL_S = 3_600
+
+# KEYS: claim marker, result, events, pending zset, requests stream, kept samples.
+# ARGV: request_id, encoded result, encoded terminal event, ttl_s, group, entry_id ('' for none), owner.
+# Returns 1 if this call answered the request, 0 if it had been answered already.
+ANSWER_LUA = """
+local answered = 0
+if redis.call('SET', KEYS[1], ARGV[7], 'NX', 'EX', ARGV[4]) then
+  redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[4])
+  redis.call('XADD', KEYS[3], '*', 'm', ARGV[3])
+  redis.call('EXPIRE', KEYS[3], ARGV[4])
+  redis.call('ZREM', KEYS[4], ARGV[1])
+  redis.call('DEL', KEYS[6])
+  answered = 1
+end
+if ARGV[6] ~= '' then
+  redis.call('XACK', KEYS[5], ARGV[5], ARGV[6])
+end
+return answered
+"""
+
+
+def new_instance_id(role: str) -> str:
+    """A consumer name unique to this process: host, pid and a random suffix."""
+    host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:40] or "host"
+    return f"{role}-{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def connect(redis_url: str) -> aioredis.Redis:
+    return aioredis.Redis.from_url(redis_url, decode_responses=False, socket_timeout=SOCKET_TIMEOUT_S,
+                                   socket_connect_timeout=5, health_check_interval=30)
+
+
+class Scheduler:
+    """One scheduler process's service. ``await Scheduler(settings).run(stop=event)``."""
+
+    def __init__(self, settings: SchedulerSettings, *, redis: aioredis.Redis | None = None,
+                 scheduler_id: str | None = None, telemetry: Telemetry | None = None) -> None:
+        if redis is None and not settings.redis_url:
+            raise ValueError("SchedulerSettings.redis_url is required (ALIGNQ_REDIS_URL)")
+        self.settings = settings
+        self.scheduler_id = scheduler_id or settings.scheduler_id or new_instance_id("scheduler")
+        self.keys = Keys(settings.namespace)
+        self.redis = redis if redis is not None else connect(settings.redis_url or "")
+        self._owns_redis = redis is None
+        self.core = SchedulerCore(CoreConfig.from_settings(settings, self.scheduler_id))
+        self.requests = StreamConsumer(self.redis, self.keys.requests, SCHEDULER_GROUP, self.scheduler_id)
+        self.telemetry = telemetry or Telemetry(self.redis, self.keys)
+        self._answer_script = self.redis.register_script(ANSWER_LUA)
+        self._samples_stream = self.keys.samples(self.scheduler_id)
+        self._samples_cursor = "0-0"
+        self._draining = False
+        self.num_answered = 0
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def run(self, *, stop: anyio.Event | None = None, ready: anyio.Event | None = None) -> None:
+        """Serve until ``stop`` is set, then drain for up to ``shutdown_grace_s``."""
+        stop = stop or anyio.Event()
+        await self._retry("create group", self.requests.ensure_group)
+        logger.info("scheduler started scheduler_id=%s namespace=%s", self.scheduler_id, self.settings.namespace)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._intake_loop, stop)
+                tg.start_soon(self._tick_loop, stop)
+                tg.start_soon(self._samples_loop)
+                tg.start_soon(self._janitor_loop, stop)
+                tg.start_soon(self._heartbeat_loop)
+                tg.start_soon(self.telemetry.run)
+                if ready is not None:
+                    ready.set()
+                await stop.wait()
+                self._draining = True
+                logger.info("scheduler draining scheduler_id=%s in_flight=%d grace_s=%.1f",
+                            self.scheduler_id, self.core.num_in_flight, self.settings.shutdown_grace_s)
+                with anyio.move_on_after(self.settings.shutdown_grace_s):
+                    while self.core.num_in_flight or self.core.forming is not None:
+                        await anyio.sleep(0.02)
+                if self.core.num_in_flight:
+                    logger.warning("grace period over: leaving %d requests un-acked for another scheduler",
+                                   self.core.num_in_flight)
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.move_on_after(3, shield=True):
+                await self._cleanup()
+
+    async def _cleanup(self) -> None:
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.delete(self.keys.heartbeat("scheduler", self.scheduler_id))
+                if not self.core.num_in_flight:
+                    pipe.delete(self._samples_stream)
+                    pipe.xgroup_delconsumer(self.keys.requests, SCHEDULER_GROUP, self.scheduler_id)
+                await pipe.execute(raise_on_error=False)
+        except REDIS_ERRORS as e:
+            logger.warning("cleanup failed scheduler_id=%s: %s", self.scheduler_id, e)
+        if self._owns_redis:
+            await self.redis.aclose()
+        logger.info("scheduler stopped scheduler_id=%s answered=%d", self.scheduler_id, self.num_answered)
+
+    async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()`` until it succeeds, backing off on connection errors (Redis restarting)."""
+        delay_s = 0.05
+        while True:
+            try:
+                return await call()
+            except REDIS_ERRORS as e:
+                logger.warning("redis error during %s, retrying in %.2f s: %s", what, delay_s, e)
+                await anyio.sleep(delay_s)
+                delay_s = min(MAX_BACKOFF_S, delay_s * 2)
+
+    # -- loops ------------------------------------------------------------------------------------
+    async def _intake_loop(self, stop: anyio.Event) -> None:
+        while not stop.is_set():
+            room = self.settings.max_in_flight - self.core.num_in_flight
+            if room <= 0:
+                await anyio.sleep(0.02)
+                continue
+            count = min(room, self.settings.max_window)
+            entries = await self._retry("read requests", lambda count=count: self.requests.read(
+                count=count, block_ms=READ_BLOCK_MS))
+            if entries and not stop.is_set():
+                await self._take(entries)
+
+    async def _tick_loop(self, stop: anyio.Event) -> None:
+        interval_s = min(0.05, max(0.005, self.settings.window_ms / 4000))
+        while True:
+            await anyio.sleep(interval_s)
+            plan = self.core.tick(now_ms(), close_forming=stop.is_set())
+            if plan:
+                await self._apply(plan)
+
+    async def _samples_loop(self) -> None:
+        while True:
+            reply = await self._retry("read samples", lambda: self.redis.xread(
+                {self._samples_stream: self._samples_cursor}, count=256, block=READ_BLOCK_MS))
+            plan = Plan()
+            for _, entries in reply or []:
+                for entry_id, fields in entries:
+                    self._samples_cursor = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                    try:
+                        sample_set = decode(SampleSet, fields.get(PAYLOAD_FIELD, b""))
+                    except SchemaError as e:
+                        logger.warning("bad sample set entry_id=%s: %s", self._samples_cursor, e)
+                        continue
+                    self.telemetry.record_sample_set(sample_set)
+                    plan.extend(self.core.on_sample_set(sample_set, now_ms()))
+            if plan:
+                await self._apply(plan)
+
+    async def _janitor_loop(self, stop: anyio.Event) -> None:
+        interval_s = max(0.1, min(5.0, self.settings.claim_idle_ms / 2000))
+        while not stop.is_set():
+            with anyio.move_on_after(interval_s):
+                await stop.wait()
+            if stop.is_set():
+                return
+            room = self.settings.max_in_flight - self.core.num_in_flight
+            if room > 0:
+                entries = await self._retry("claim stale requests", lambda room=room: self.requests.claim_stale(
+                    min_idle_ms=self.settings.claim_idle_ms, count=min(room, 100)))
+                if entries:
+                    logger.info("reclaimed %d requests from dead schedulers", len(entries))
+                    await self._take(entries, redelivered=True)
+            await self._retry("recover replies", self._recover_stale_jobs)
+
+    async def _heartbeat_loop(self) -> None:
+        interval_s = self.settings.heartbeat_ms / 1000
+        ttl_s = max(1, math.ceil(3 * interval_s))
+        while True:
+            await self._retry("heartbeat", lambda: self._beat(ttl_s))
+            await anyio.sleep(interval_s)
+
+    async def _beat(self, ttl_s: int) -> None:
+        state = json.dumps({"in_flight": self.core.num_in_flight, "at_ms": now_ms()})
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(self.keys.heartbeat("scheduler", self.scheduler_id), state, ex=ttl_s)
+            pipe.expire(self._samples_stream, SAMPLES_STREAM_TTL_S)
+            pipe.xtrim(self._samples_stream, minid=self._samples_cursor, approximate=True)
+            await pipe.execute(raise_on_error=False)
+        held = {s.entry_id: s.request_id for s in self.core.requests.values() if s.entry_id is not None}
+        if not held:
+            return
+        try:
+            still_ours = set(await self.requests.renew(list(held)))
+        except ResponseError as e:  # NOGROUP: Redis lost the stream; nothing is ours any more
+            logger.warning("lease renewal failed: %s", e)
+            still_ours = set()
+        for entry_id, request_id in held.items():
+            if entry_id not in still_ours and request_id in self.core.requests:
+                # Reclaimed by another scheduler (we stalled) or lost by Redis: it is not ours to answer.
+                logger.warning("lost the lease, dropping request_id=%s entry_id=%s", request_id, entry_id)
+                self.core.drop(request_id)
+
+    # -- intake -----------------------------------------------------------------------------------
+    async def _take(self, entries: list[StreamEntry], *, redelivered: bool = False) -> None:
+        """Validate entries at the boundary and admit the good ones; never raises on bad input."""
+        pending = [e.entry_id for e in entries] if redelivered or self.requests.is_reading_own_pending else []
+        counts = await self._retry("delivery counts", lambda: self.requests.delivery_counts(pending))
+        accepted: list[tuple[StreamEntry, AlignRequest]] = []
+        for entry in entries:
+            payload = entry.payload
+            if payload is None:
+                await self._dead_letter(entry, "entry has no 'm' field", None)
+                continue
+            num_deliveries = counts.get(entry.entry_id, 1)
+            if num_deliveries > self.settings.max_deliveries:
+                request_id = salvage_request_id(payload)
+                reason = f"delivered {num_deliveries} times > max_deliveries {self.settings.max_deliveries}"
+                await self._dead_letter(entry, reason, request_id)
+                if request_id is not None:
+                    await self._answer_error(request_id, ErrorInfo(code=ErrorCode.DELIVERY_EXHAUSTED, message=reason),
+                                             entry_id=None)
+                continue
+            try:
+                accepted.append((entry, decode(AlignRequest, payload)))
+            except SchemaError as e:
+                request_id = salvage_request_id(payload)
+                if request_id is None:
+                    await self._dead_letter(entry, str(e), None)
+                else:
+                    logger.info("bad request request_id=%s: %s", request_id, e)
+                    await self._answer_error(request_id, ErrorInfo(code=ErrorCode.BAD_REQUEST, message=str(e)[:4000]),
+                                             entry_id=entry.entry_id)
+        if accepted:
+            await self._admit(accepted)
+
+    async def _admit(self, accepted: list[tuple[StreamEntry, AlignRequest]]) -> None:
+        async def lookup() -> list[Any]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for _, request in accepted:
+                    pipe.exists(self.keys.request_claim(request.request_id))
+                    pipe.hgetall(self.keys.kept_samples(request.request_id))
+                return await pipe.execute()
+
+        replies = await self._retry("look up requests", lookup)
+        plan = Plan()
+        for i, (entry, request) in enumerate(accepted):
+            is_answered, kept_raw = replies[2 * i], replies[2 * i + 1]
+            if is_answered:  # answered before (a scheduler died before acking): just ack
+                plan.acks.append(entry.entry_id)
+                continue
+            kept = self._decode_kept(request.request_id, kept_raw)
+            if kept:
+                logger.info("reusing %d kept samples request_id=%s", len(kept), request.request_id)
+            plan.extend(self.core.admit(request, entry_id=entry.entry_id, now_ms=now_ms(), kept=kept))
+        await self._apply(plan)
+
+    @staticmethod
+    def _decode_kept(request_id: str, raw: dict[bytes, bytes]) -> list[Sample]:
+        samples = []
+        for data in raw.values():
+            try:
+                samples.append(decode(Sample, data))
+            except SchemaError as e:
+                logger.warning("bad kept sample request_id=%s: %s", request_id, e)
+        return samples
+
+    async def _recover_stale_jobs(self) -> None:
+        """Jobs waiting for longer than claim_idle_ms: read the request's kept samples, complete what they cover."""
+        stale = self.core.stale_jobs(now_ms(), older_than_ms=self.settings.claim_idle_ms)
+        if not stale:
+            return
+        request_ids = list(stale)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request_id in request_ids:
+                pipe.hgetall(self.keys.kept_samples(request_id))
+            replies = await pipe.execute()
+        plan = Plan()
+        for request_id, raw in zip(request_ids, replies):
+            if raw:
+                plan.extend(self.core.on_kept_samples(request_id, self._decode_kept(request_id, raw), now_ms()))
+        if plan:
+            await self._apply(plan)
+
+    async def _dead_letter(self, entry: StreamEntry, reason: str, request_id: str | None) -> None:
+        await self._retry("dead letter", lambda: dead_letter(
+            self.redis, self.keys, source_stream=self.keys.requests, group=SCHEDULER_GROUP, entry_id=entry.entry_id,
+            reason=reason, payload=entry.payload, request_id=request_id))
+
+    async def _answer_error(self, request_id: str, error: ErrorInfo, *, entry_id: str | None) -> None:
+        result = error_result(request_id, error, scheduler_id=self.scheduler_id, now_ms=now_ms())
+        await self._publish_answer(Answer(result, entry_id))
+
+    # -- effects ----------------------------------------------------------------------------------
+    async def _apply(self, plan: Plan) -> None:
+        """Write a plan's effects: events and jobs (one pipeline), then each answer, then plain acks."""
+        if plan.events or plan.jobs:
+            await self._retry("publish jobs", lambda: self._publish(plan))
+        for answer in plan.answers:
+            await self._publish_answer(answer)
+        if plan.acks:
+            await self._retry("ack", lambda: self.requests.ack(*plan.acks))
+        for window in plan.windows:
+            self.telemetry.record_window(window.num_prompts, window.explore_rewards, window.allocation)
+            logger.info("window planned scheduler_id=%s num_prompts=%d allocation=%s", self.scheduler_id,
+                        window.num_prompts, sorted(window.allocation.values(), reverse=True))
+
+    async def _publish(self, plan: Plan) -> None:
+        ttl_s = self.settings.result_ttl_s
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for event in plan.events:  # before the jobs: a reply can only follow its own events
+                pipe.xadd(self.keys.events(event.request_id), {PAYLOAD_FIELD: encode(event)})
+                pipe.expire(self.keys.events(event.request_id), ttl_s)
+            for job in plan.jobs:
+                pipe.xadd(self.keys.jobs, {PAYLOAD_FIELD: encode(job)})
+            await pipe.execute()
+
+    async def _publish_answer(self, answer: Answer) -> None:
+        """Answer once (Lua), shielded from cancellation and bounded in time."""
+        result = answer.result
+        kind = EventKind.ERROR if result.status == ResultStatus.ERROR else EventKind.DONE
+        event = Event(request_id=result.request_id, kind=kind, at_ms=result.completed_at_ms, result=result)
+        rid = result.request_id
+        keys = [self.keys.request_claim(rid), self.keys.result(rid), self.keys.events(rid),
+                self.keys.pending_requests, self.keys.requests, self.keys.kept_samples(rid)]
+        args = [rid, encode(result), encode(event), self.settings.result_ttl_s, SCHEDULER_GROUP,
+                answer.entry_id or "", self.scheduler_id]
+        answered = None
+        with anyio.move_on_after(ANSWER_TIMEOUT_S, shield=True):
+            answered = await self._retry("answer", lambda: self._answer_script(keys=keys, args=args))
+        if answered is None:
+            logger.error("could not publish the answer request_id=%s; its entry stays for reclaim", rid)
+            return
+        if int(answered):
+            self.num_answered += 1
+            self.telemetry.record_result(result, stage1_best_reward=answer.stage1_best_reward)
+            logger.info("answered request_id=%s status=%s reward=%s samples_used=%d total_s=%.3f", rid,
+                        result.status.value, result.reward, result.samples_used, result.total_s)
+        else:
+            logger.info("already answered request_id=%s: acked the duplicate", rid)
+
+
+async def serve_scheduler(settings: SchedulerSettings, *, stop: anyio.Event | None = None,
+                          ready: anyio.Event | None = None, scheduler_id: str | None = None) -> Scheduler:
+    """Run a scheduler until ``stop``; SIGTERM and SIGINT also stop it when run in the main thread."""
+    stop = stop or anyio.Event()
+    scheduler = Scheduler(settings, scheduler_id=scheduler_id)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_stop_on_signals, stop)
+        await scheduler.run(stop=stop, ready=ready)
+        tg.cancel_scope.cancel()
+    return scheduler
+
+
+async def _stop_on_signals(stop: anyio.Event) -> None:
+    """Only sets the event: the loops see it and drain."""
+    try:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                logger.info("received %s: draining", signal.Signals(signum).name)
+                stop.set()
+    except (NotImplementedError, ValueError, RuntimeError):  # not the main thread: the caller stops us
+        await anyio.sleep_forever()
+
+
+def run_scheduler(settings: SchedulerSettings) -> int:
+    """Blocking entry point of ``alignq scheduler``: 0 after a clean shutdown."""
+    started = time.monotonic()
+    anyio.run(serve_scheduler, settings)
+    logger.info("scheduler exited after %.1f s", time.monotonic() - started)
+    return 0
