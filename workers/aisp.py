@@ -29,18 +29,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from workers.aisp_weights import importance_step
+from workers.engine import GeneratedSample
 from workers.errors import RewardError
-
-try:  # TODO(aisp): drop the fallback once workers.engine lands
-    from workers.engine import GeneratedSample
-except ImportError:  # pragma: no cover
-    @dataclass(slots=True)
-    class GeneratedSample:  # type: ignore[no-redef]
-        index: int
-        text: str
-        reward: float
-        num_tokens: int
-        is_finished: bool
 
 if TYPE_CHECKING:
     from workers.models import Policy

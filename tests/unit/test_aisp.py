@@ -166,3 +166,59 @@ def test_mean_moves_towards_rewarded_direction(llama: Policy, sign: float) -> No
     first = sum(r.iteration_mean[0] for r in results) / len(results)
     last = sum(sum(r.iteration_mean[-2:]) / 2 for r in results) / len(results)
     assert last > first + 0.2, (first, last)
+
+
+def test_bench_summary_hand_computed() -> None:
+    from middleware.bench.aisp import summarize
+
+    aisp = [[0.1, 0.5, 0.2, 0.9], [0.3, 0.1, 0.4, 0.0]]
+    bon = [[0.2, 0.3, 0.6, 0.1], [0.0, 0.2, 0.1, 0.3]]
+    summary = summarize(aisp, bon, n=2, k=2)
+    assert summary["aisp_best_by_rollout"] == pytest.approx([0.2, 0.4, 0.45, 0.65])
+    assert summary["bon_best_by_rollout"] == pytest.approx([0.1, 0.25, 0.4, 0.45])
+    assert summary["aisp_best_mean"] == pytest.approx(0.65) and summary["bon_best_mean"] == pytest.approx(0.45)
+    assert summary["rollouts_to_match_bon"] == 3
+    assert [c["rollouts"] for c in summary["curve"]] == [2, 4]
+    assert summarize(bon, aisp, n=2, k=2)["rollouts_to_match_bon"] is None
+
+
+def test_bench_cli_json_and_plot(tiny_llama_dir: pathlib.Path, tmp_path: pathlib.Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from middleware.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Tell me a story."}\n{"prompt": "What is two plus two?"}\n', encoding="utf-8")
+    plot = tmp_path / "aisp.png"
+    argv = ["bench", "aisp", "--prompts", str(prompts), "--model", str(tiny_llama_dir), "--reward",
+            "python:workers.scorers:distinct_words", "--n", "3", "--k", "2", "--seeds", "2", "--max-new-tokens", "6",
+            "--sigma", "1.0", "--dtype", "float32", "--device", "cpu", "--threads", "1", "--json", "--plot", str(plot),
+            "--sweep", "--sweep-sigmas", "0.5", "--sweep-lams", "0.3,1"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 3 and report["k"] == 2
+    assert [c["rollouts"] for c in report["curve"]] == [3, 6]
+    assert report["aisp_best_mean"] == report["curve"][-1]["aisp_best_mean"]
+    assert report["curve"][0]["bon_best_mean"] <= report["bon_best_mean"]
+    assert 0.0 <= report["greedy_mean"] <= 1.0
+    assert report["rollouts_to_match_bon"] is None or 1 <= report["rollouts_to_match_bon"] <= 6
+    assert min(report["aisp_wall_s"], report["bon_wall_s"], report["greedy_wall_s"]) > 0
+    assert [(row["sigma"], row["lam"]) for row in report["sweep"]] == [(0.5, 0.3), (0.5, 1.0)]
+    assert plot.stat().st_size > 1000
+    assert _head_hooks(_load(tiny_llama_dir)) == 0
+
+
+def test_bench_cli_bad_prompts_file(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from middleware.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt field"}\n', encoding="utf-8")
+    for argv in (["bench", "aisp", "--prompts", str(bad)], ["bench", "aisp", "--prompts", str(tmp_path / "missing")],
+                 ["bench", "aisp", "--prompts", str(bad), "--n", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
