@@ -54,3 +54,31 @@ def test_bench_allocation_bad_usage_exits_2_with_one_line(args: list[str], messa
     done = alignq("bench", "allocation", "--runs", "2", "--batches", "1", *args)
     assert done.returncode == 2
     assert message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_pool_build_with_a_real_engine_resumes(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "Say hi."}\n{"id": "b", "prompt": "What is 2 + 2?", "metadata": {"answer": "4"}}\n')
+    pool = tmp_path / "pool.jsonl"
+    common = ["--prompts", str(prompts), "--samples", "3", "--max-new-tokens", "4", "--model", str(tiny_llama_dir),
+              "--reward", "python:workers.scorers:distinct_words", "--threads", "1", "-o", str(pool)]
+    first = alignq("pool", "build", *common)
+    assert first.returncode == 0, first.stderr
+    lines = pool.read_text().splitlines()
+    assert len(lines) == 3 and json.loads(lines[0])["model"] == str(tiny_llama_dir)
+    row = json.loads(lines[2])
+    assert row["prompt_id"] == "b" and row["metadata"] == {"answer": "4"}
+    assert len(row["texts"]) == len(row["rewards"]) == len(row["num_tokens"]) == 3
+    assert all(1 <= n <= 4 for n in row["num_tokens"]) and all(0 <= r <= 1 for r in row["rewards"])
+
+    with prompts.open("a") as out:
+        out.write('{"id": "c", "prompt": "Name a colour."}\n')
+    second = alignq("pool", "build", *common)
+    assert second.returncode == 0, second.stderr
+    resumed = pool.read_text().splitlines()
+    assert resumed[:3] == lines and json.loads(resumed[3])["prompt_id"] == "c"  # only the new prompt ran
+
+    changed = alignq("pool", "build", *common, "--seed", "7")
+    assert changed.returncode == 2 and "seed" in changed.stderr
+    shown = alignq("pool", "show", str(pool), "--json")
+    assert [json.loads(line)["prompt_id"] for line in shown.stdout.splitlines()] == ["a", "b", "c"]
