@@ -25,10 +25,26 @@ from __future__ import annotations
 
 import heapq
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+
+from middleware.value_vectors import (
+    ABSOLUTE_BANDWIDTH_FLOOR,
+    GRID_SPAN_STDS,
+    BernoulliGains,
+    EmpiricalGains,
+    GainFn,
+    KdeMonteCarloGains,
+    MixtureGains,
+    kde_bandwidth,
+    normal_cdf,
+    value_vector,
+)
+
+__all__ = ["ALLOCATORS", "BernoulliGains", "EmpiricalGains", "KdeMonteCarloGains", "MixtureGains", "allocate",
+           "greedy_allocate", "is_bernoulli", "kde_bandwidth", "normal_cdf", "num_explore_samples", "plan_window",
+           "value_vector"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +53,9 @@ OUR_ALLOCATORS = ("adabon-gauss", "adabon-eb")
 DEFAULT_ALLOCATOR = "adabon-eb"  # chosen by benchmark: see README "Allocation"
 ALLOCATORS: tuple[str, ...] = ("uniform", *PAPER_ALLOCATORS, *OUR_ALLOCATORS, "adabon")
 
-NUM_MC_DRAWS = 1024
-NUM_GRID_POINTS = 64
-GRID_SPAN_STDS = 7.0  # integrate up to the largest component mean + this many of its stds
 RELATIVE_BANDWIDTH_FLOOR = 1e-3  # of the window's reward std: identical rewards keep a finite KDE
-ABSOLUTE_BANDWIDTH_FLOOR = 1e-9
 NUM_SHAPE_QUANTILES = 32
 
-GainFn = Callable[[int, int, int], np.ndarray]  # (prompt, j_start, j_stop) -> Δ[j_start:j_stop]
 
 
 def num_explore_samples(budget: int, explore_fraction: float) -> int:
@@ -56,135 +67,6 @@ def num_explore_samples(budget: int, explore_fraction: float) -> int:
     if budget == 1:
         return 1
     return min(budget, max(2, round(explore_fraction * budget)))
-
-
-# ---------------------------------------------------------------- the normal distribution, in numpy
-
-
-def normal_cdf(z: np.ndarray) -> np.ndarray:
-    """Φ(z) through erfc (Numerical Recipes' Chebyshev fit: relative error < 1.2e-7, tails included)."""
-    x = -np.asarray(z, dtype=np.float64) / math.sqrt(2.0)
-    a = np.abs(x)
-    t = 1.0 / (1.0 + 0.5 * a)
-    poly = -a * a - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
-        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))))
-    erfc_abs = t * np.exp(poly)
-    return 0.5 * np.where(x >= 0, erfc_abs, 2.0 - erfc_abs)
-
-
-# ---------------------------------------------------------------- estimates and value vectors
-
-
-def kde_bandwidth(rewards: Sequence[float], floor: float = ABSOLUTE_BANDWIDTH_FLOOR) -> float:
-    """Scott's rule h = σ̂ · d^(-1/5), at least ``floor`` (one sample or identical rewards)."""
-    values = np.asarray(rewards, dtype=np.float64)
-    if values.size < 2:
-        return float(floor)
-    return max(float(values.std(ddof=1)) * values.size ** -0.2, float(floor))
-
-
-class MixtureGains:
-    """Δ_i[j] = ∫_{c_i}^∞ F_i^j (1 - F_i) dx, by the trapezoid rule on a grid of each [c_i, upper_i].
-
-    Built from Gaussian mixtures (``from_components``) or from one standardised shape shifted and scaled
-    per prompt (``from_shape``). Concave in j by construction; no RNG.
-    """
-
-    def __init__(self, cdf: np.ndarray, best: np.ndarray, upper: np.ndarray) -> None:
-        num_grid = cdf.shape[1]  # cdf: (K, G) on the grid best + (upper - best) * linspace(0, 1, G)
-        cdf = np.clip(cdf, 0.0, 1.0)
-        trapezoid = np.ones(num_grid)
-        trapezoid[[0, -1]] = 0.5
-        step = (upper - best) / (num_grid - 1)
-        self.log_cdf = np.log(np.maximum(cdf, 1e-300))  # (K, G)
-        self.tail_weight = (1.0 - cdf) * trapezoid[None, :] * step[:, None]  # (K, G)
-
-    @staticmethod
-    def grid(best: np.ndarray, upper: np.ndarray, num_grid: int) -> np.ndarray:
-        upper = np.maximum(upper, best + ABSOLUTE_BANDWIDTH_FLOOR)
-        return best[:, None] + (upper - best)[:, None] * np.linspace(0.0, 1.0, num_grid)[None, :]
-
-    @classmethod
-    def from_components(cls, means: np.ndarray, stds: np.ndarray, weights: np.ndarray, best: np.ndarray,
-                        num_grid: int = NUM_GRID_POINTS) -> MixtureGains:
-        """means, stds, weights: (K, M), padded with weight 0; best: (K,) the c_i."""
-        upper = np.max(np.where(weights > 0, means + GRID_SPAN_STDS * stds, -np.inf), axis=1)
-        grid = cls.grid(best, upper, num_grid)  # (K, G)
-        z = (grid[:, :, None] - means[:, None, :]) / stds[:, None, :]  # (K, G, M)
-        cdf = np.einsum("kgm,km->kg", normal_cdf(z), weights)
-        return cls(cdf, best, grid[:, -1])
-
-    @classmethod
-    def from_shape(cls, shape_cdf: Callable[[np.ndarray], np.ndarray], shape_upper: float, loc: np.ndarray,
-                   scale: np.ndarray, best: np.ndarray, num_grid: int = NUM_GRID_POINTS) -> MixtureGains:
-        """F_i(x) = S((x - loc_i) / scale_i): one shape S for the whole window (cheap for large K)."""
-        grid = cls.grid(best, loc + scale * shape_upper, num_grid)
-        return cls(shape_cdf((grid - loc[:, None]) / scale[:, None]), best, grid[:, -1])
-
-    def __call__(self, prompt: int, j_start: int, j_stop: int) -> np.ndarray:
-        return self.block(np.array([prompt]), j_start, j_stop)[0]
-
-    is_concave = True
-
-    def block(self, prompts: np.ndarray, j_start: int, j_stop: int) -> np.ndarray:
-        log_cdf = self.log_cdf[prompts]  # (P, G)
-        cdf = np.exp(log_cdf)
-        powers = np.empty((prompts.size, max(0, j_stop - j_start), log_cdf.shape[1]))  # (P, J, G): F^j
-        if powers.shape[1]:
-            powers[:, 0] = np.exp(j_start * log_cdf)
-        for t in range(1, powers.shape[1]):  # a product per step: ~10x cheaper than exp of every power
-            np.multiply(powers[:, t - 1], cdf, out=powers[:, t])
-        return (powers @ self.tail_weight[prompts][:, :, None])[:, :, 0]
-
-
-class KdeMonteCarloGains:
-    """The paper's Monte Carlo: m draws per prompt from its KDE, V[j] = mean of running maxima with c_i.
-
-    Extends lazily: the running maxima of earlier draws carry over, so V stays monotone.
-    """
-
-    def __init__(self, rewards: Sequence[np.ndarray], bandwidths: np.ndarray, best: np.ndarray,
-                 rng: np.random.Generator, num_draws: int = NUM_MC_DRAWS) -> None:
-        self.rewards, self.bandwidths, self.rng = rewards, bandwidths, rng
-        self.running_max = [np.full(num_draws, float(c)) for c in best]
-        self.num_drawn = [0] * len(rewards)
-
-    def __call__(self, prompt: int, j_start: int, j_stop: int) -> np.ndarray:
-        assert j_start == self.num_drawn[prompt], "Monte Carlo gains extend in order"
-        rewards, running = self.rewards[prompt], self.running_max[prompt]
-        if rewards.size == 0 or j_stop <= j_start:
-            return np.zeros(max(0, j_stop - j_start))
-        shape = (running.size, j_stop - j_start)
-        draws = rewards[self.rng.integers(0, rewards.size, shape)] + self.bandwidths[prompt] * self.rng.standard_normal(shape)
-        maxima = np.maximum.accumulate(np.concatenate([running[:, None], draws], axis=1), axis=1)  # (m, 1+J)
-        self.running_max[prompt] = maxima[:, -1]
-        self.num_drawn[prompt] = j_stop
-        return np.diff(maxima.mean(axis=0))
-
-
-class BernoulliGains:
-    """0/1 rewards: p_i ~ Beta(α_i, β_i); until a success, V[j] = 1 - E[(1-p)^j] = 1 - Π_{t<j} (β+t)/(α+β+t)."""
-
-    is_concave = True
-
-    def __init__(self, alpha: np.ndarray, beta: np.ndarray, solved: np.ndarray) -> None:
-        self.alpha, self.beta, self.solved = alpha, beta, solved
-
-    def __call__(self, prompt: int, j_start: int, j_stop: int) -> np.ndarray:
-        return self.block(np.array([prompt]), j_start, j_stop)[0]
-
-    def block(self, prompts: np.ndarray, j_start: int, j_stop: int) -> np.ndarray:
-        a, b = self.alpha[prompts][:, None], self.beta[prompts][:, None]
-        t = np.arange(j_stop, dtype=np.float64)[None, :]
-        survive = np.concatenate([np.ones((prompts.size, 1)), np.cumprod((b + t) / (a + b + t), axis=1)], axis=1)
-        gains = survive[:, :-1] - survive[:, 1:]  # E[(1-p)^j] - E[(1-p)^(j+1)], j = 0..j_stop-1
-        gains[self.solved[prompts]] = 0.0
-        return gains[:, j_start:j_stop]
-
-
-def value_vector(gains: GainFn, prompt: int, best: float, length: int) -> np.ndarray:
-    """V[0..length] = c + cumulative Δ (for tests and plots)."""
-    return best + np.concatenate([[0.0], np.cumsum(gains(prompt, 0, length))])
 
 
 # ---------------------------------------------------------------- greedy allocation
@@ -436,24 +318,3 @@ def plan_window(explore_rewards: Mapping[str, Sequence[float]], budgets: Mapping
     remaining = [budgets[k] - len(explore_rewards[k]) for k in keys]
     counts = allocate(explore, remaining, method=method, seed=seed, **options)  # type: ignore[arg-type]
     return {k: int(a) for k, a in zip(keys, counts)}
-
-
-class EmpiricalGains:
-    """Exact Δ_i[j] when X_i is known to be uniform over a finite sample (the oracle of the benchmark).
-
-    Between consecutive sorted samples x_(k) <= x < x_(k+1) the CDF is k/n, so the integral is a sum.
-    """
-
-    def __init__(self, samples: Sequence[np.ndarray], best: np.ndarray) -> None:
-        self.lengths, self.levels = [], []
-        for values, c in zip(samples, best):
-            x = np.sort(np.asarray(values, dtype=np.float64))
-            lengths = np.maximum(x[1:] - np.maximum(x[:-1], c), 0.0)
-            keep = lengths > 0
-            self.lengths.append(lengths[keep])
-            self.levels.append((np.arange(1, x.size) / x.size)[keep])
-
-    def __call__(self, prompt: int, j_start: int, j_stop: int) -> np.ndarray:
-        levels, lengths = self.levels[prompt], self.lengths[prompt]
-        j = np.arange(j_start, j_stop, dtype=np.float64)
-        return (levels[None, :] ** j[:, None] * (1.0 - levels) * lengths).sum(axis=1)

@@ -228,6 +228,7 @@ def _generate_into(out_path: Path, todo: list[tuple[str, str | list[dict], dict]
                    model: str | None, reward: str | None, max_new_tokens: int, temperature: float, top_p: float,
                    seed: int, device: str, num_threads: int, max_batch: int, progress: bool) -> None:
     from tqdm import tqdm
+
     from workers.engine import Engine, GenerationRequest
     from workers.models import configure_threads, load_policy, load_reward
 
