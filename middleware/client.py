@@ -42,6 +42,7 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from middleware.errors import ClientError
+from middleware.event_router import EventRouter
 from schemas import (
     DEFAULT_NAMESPACE,
     PAYLOAD_FIELD,
@@ -169,9 +170,13 @@ class Client:
         poll_interval_s: float = 1.0,
         reconnect_timeout_s: float = 10.0,
         submit_chunk_size: int = 500,
+        max_connections: int = 64,
     ) -> None:
         if isinstance(redis, str):
-            self._redis = aioredis.Redis.from_url(redis, decode_responses=False, health_check_interval=30)
+            # A blocking pool waits for a free connection instead of failing at max_connections.
+            pool = aioredis.BlockingConnectionPool.from_url(redis, max_connections=max_connections,
+                                                            timeout=reconnect_timeout_s, health_check_interval=30)
+            self._redis = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
             self._owns_redis = True
         else:
             self._redis = redis
@@ -182,6 +187,7 @@ class Client:
         self.reconnect_timeout_s = reconnect_timeout_s
         self.submit_chunk_size = submit_chunk_size
         self._submit_script = self._redis.register_script(SUBMIT_LUA)
+        self._router = EventRouter(self._redis)
 
     @property
     def redis(self) -> aioredis.Redis:
@@ -194,6 +200,7 @@ class Client:
         await self.aclose()
 
     async def aclose(self) -> None:
+        await self._router.aclose()
         if self._owns_redis:
             await self._redis.aclose()
 
@@ -327,55 +334,62 @@ class Client:
                 yield event
 
     async def events_or_idle(self, request_id: str, *, timeout_s: float | None = None) -> AsyncIterator[Event | None]:
-        """Like ``events``, but yields None after each ``poll_interval_s`` without news (for keep-alives)."""
+        """Like ``events``, but yields None after each ``poll_interval_s`` without news (for keep-alives).
+
+        Waits share connections: the client's EventRouter reads many requests' streams per XREAD.
+        """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        stream = self.keys.events(request_id)
-        last_id = b"0-0"
+        subscription = self._router.subscribe(self.keys.events(request_id))
         num_missing_checks = 0
-        while True:
-            block_s = self.poll_interval_s
-            if deadline is not None:
-                remaining_s = deadline - time.monotonic()
-                if remaining_s <= 0:
-                    raise ResultTimeout(f"no answer for request {request_id} within {timeout_s} s")
-                block_s = min(block_s, remaining_s)
-            block_ms = max(1, int(block_s * 1000))  # BLOCK 0 would wait forever
-            reply = await self._with_reconnect(
-                lambda last_id=last_id, block_ms=block_ms: self._redis.xread(
-                    {stream: last_id}, count=100, block=block_ms)
-            )
-            entries = reply[0][1] if reply else []
-            for entry_id, fields in entries:
-                last_id = entry_id
-                try:
-                    event = decode(Event, fields[PAYLOAD_FIELD])
-                except (SchemaError, KeyError) as e:
-                    logger.warning("skipping undecodable event request_id=%s entry=%s: %s", request_id, entry_id, e)
+        try:
+            while True:
+                wait_s = self.poll_interval_s
+                if deadline is not None:
+                    remaining_s = deadline - time.monotonic()
+                    if remaining_s <= 0:
+                        raise ResultTimeout(f"no answer for request {request_id} within {timeout_s} s")
+                    wait_s = min(wait_s, remaining_s)
+                item = None
+                with anyio.move_on_after(wait_s):
+                    item = await subscription.receive.receive()
+                if item is not None:
+                    num_missing_checks = 0
+                    if isinstance(item, Exception):
+                        raise ConnectionLost(f"reading events of request {request_id} failed: {item}") from item
+                    event = self._decode_event(request_id, *item)
+                    if event is not None:
+                        yield event
+                        if event.is_terminal:
+                            return
                     continue
-                yield event
-                if event.is_terminal:
-                    return
-            if entries:
-                num_missing_checks = 0
-                continue
-            state = await self.request_state(request_id)
-            if state == "answered":  # result stored but its events expired or were never written
-                result = await self.get_result(request_id)
-                if result is not None:
-                    kind = EventKind.ERROR if result.status == ResultStatus.ERROR else EventKind.DONE
-                    yield Event(request_id=request_id, kind=kind, result=result)
-                    return
-            elif state == "missing":
-                # Seen twice in a row, a poll apart: not a transient state of a restarting server.
-                num_missing_checks += 1
-                if num_missing_checks >= 2:
-                    raise RequestLost(
-                        f"request {request_id} is unknown to Redis: no result, no events and not pending "
-                        "(Redis lost data, the result expired, or it was never submitted); resubmit it"
-                    )
-            else:
-                num_missing_checks = 0
-            yield None
+                state = await self.request_state(request_id)
+                if state == "answered":  # result stored but its events expired or were never written
+                    result = await self.get_result(request_id)
+                    if result is not None:
+                        kind = EventKind.ERROR if result.status == ResultStatus.ERROR else EventKind.DONE
+                        yield Event(request_id=request_id, kind=kind, result=result)
+                        return
+                elif state == "missing":
+                    # Seen twice in a row, a poll apart: not a transient state of a restarting server.
+                    num_missing_checks += 1
+                    if num_missing_checks >= 2:
+                        raise RequestLost(
+                            f"request {request_id} is unknown to Redis: no result, no events and not pending "
+                            "(Redis lost data, the result expired, or it was never submitted); resubmit it"
+                        )
+                else:
+                    num_missing_checks = 0
+                yield None
+        finally:
+            self._router.unsubscribe(subscription)
+
+    @staticmethod
+    def _decode_event(request_id: str, entry_id: bytes, fields: dict) -> Event | None:
+        try:
+            return decode(Event, fields[PAYLOAD_FIELD])
+        except (SchemaError, KeyError) as e:
+            logger.warning("skipping undecodable event request_id=%s entry=%s: %s", request_id, entry_id, e)
+            return None
 
     async def results_as_completed(self, request_ids: Sequence[str], *, timeout_s: float | None = None,
                                    chunk_size: int = 1000, max_poll_s: float = 0.25) -> AsyncIterator[AlignResult]:

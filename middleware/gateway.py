@@ -181,8 +181,8 @@ def create_app(settings: GatewaySettings, *, redis: aioredis.Redis | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        connection = redis or aioredis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0",
-                                                      health_check_interval=30)
+        connection = redis or aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url or "redis://127.0.0.1:6379/0", max_connections=128, timeout=10, health_check_interval=30))
         app.state.client = Client(connection, namespace=settings.namespace, max_pending=settings.max_pending)
         app.state.telemetry = Telemetry(connection, keys)
         app.state.redis = connection

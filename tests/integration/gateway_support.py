@@ -90,7 +90,7 @@ class StandInScheduler:
     def __init__(self, redis_url: str, answer: Callable[[AlignRequest], AlignResult] = default_answer,
                  before_answer: Callable[[AlignRequest], Awaitable[None]] | None = None,
                  method_events: bool = True) -> None:
-        self.redis = aioredis.Redis.from_url(redis_url)
+        self.redis = aioredis.Redis.from_pool(aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=32))
         self.answer = answer
         self.before_answer = before_answer
         self.method_events = method_events

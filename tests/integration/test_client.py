@@ -291,3 +291,27 @@ async def test_events_or_idle_yields_none_between_events(redis_url: str) -> None
         assert items.count(None) >= 2
         assert await client.request_state(request_id) == "answered"
         assert await client.request_state("nope") == "missing"
+
+
+async def test_many_concurrent_waits_share_few_connections(redis_url: str) -> None:
+    async with Client(redis_url, max_connections=4, poll_interval_s=1.0) as client:
+        request_ids = await client.submit_many([f"wait {i}" for i in range(300)])
+        results: dict[str, AlignResult] = {}
+
+        async def wait(request_id: str) -> None:
+            results[request_id] = await client.result(request_id, timeout_s=20)
+
+        async def answer_all() -> None:
+            await anyio.sleep(0.3)
+            for request_id in request_ids:
+                await publish_answer(client.redis, ok_result(request_id))
+
+        started = time.monotonic()
+        async with anyio.create_task_group() as tg:
+            for request_id in request_ids:
+                tg.start_soon(wait, request_id)
+            tg.start_soon(answer_all)
+        # 300 blocked XREADs on 4 connections would take minutes; the router reads them together
+        assert time.monotonic() - started < 8
+        assert set(results) == set(request_ids)
+        assert client._router.num_subscriptions == 0
