@@ -206,12 +206,27 @@ def collect_results(settings: SchedulerSettings, requests: list[AlignRequest], *
     try:
         return anyio.run(partial(_collect, settings, requests, out, quiet=quiet, timeout_s=timeout_s,
                                  services=services, run_scheduler=run_scheduler, num_workers=num_workers))
+    except BaseExceptionGroup as group:  # a service failed inside the task group
+        failure = _first_service_error(group)
+        if failure is None:
+            raise
+        print(f"alignq: {failure}", file=sys.stderr)
+        return 1
     except ServiceError as e:
         print(f"alignq: {e}", file=sys.stderr)
         return 1
     finally:
         if output:
             out.close()
+
+
+def _first_service_error(group: BaseExceptionGroup) -> ServiceError | None:
+    for error in group.exceptions:
+        if isinstance(error, ServiceError):
+            return error
+        if isinstance(error, BaseExceptionGroup) and (found := _first_service_error(error)) is not None:
+            return found
+    return None
 
 
 def submit_only(settings: SchedulerSettings, requests: list[AlignRequest]) -> int:

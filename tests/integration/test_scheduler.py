@@ -18,8 +18,10 @@ from functools import partial
 import anyio
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from middleware.client import Client
+from middleware.embedded_redis import EmbeddedRedis
 from middleware.scheduler import ANSWER_LUA, Scheduler
 from middleware.settings import SchedulerSettings
 from middleware.streams import StreamConsumer
@@ -66,7 +68,12 @@ class SyntheticWorker:
         await self.consumer.ensure_group()
         async with anyio.create_task_group() as tg:
             while True:
-                for entry in await self.consumer.read(count=64, block_ms=50):
+                try:
+                    entries = await self.consumer.read(count=64, block_ms=50)
+                except (RedisConnectionError, OSError):  # Redis restarting
+                    await anyio.sleep(0.1)
+                    continue
+                for entry in entries:
                     tg.start_soon(self._run_job, entry.entry_id, decode(Job, entry.payload))
 
     async def _run_job(self, entry_id: str, job: Job) -> None:
@@ -348,3 +355,21 @@ async def test_graceful_shutdown_finishes_in_flight_work(redis: aioredis.Redis) 
     assert all(r.status == ResultStatus.OK for r in results)
     assert await redis.exists(KEYS.result(late)) == 0 and await redis.zscore(KEYS.pending_requests, late)
     assert not math.isnan(results[0].reward)
+
+
+async def test_scheduler_survives_a_redis_restart() -> None:
+    server = EmbeddedRedis()
+    url = server.start()
+    try:
+        redis = aioredis.Redis.from_url(url)
+        async with running(redis, make_settings(url, window_ms=10)) as (scheduler,), Client(redis) as client:
+            assert (await client.align("before", budget=4, timeout_s=10)).status == ResultStatus.OK
+            server.stop()  # no persistence: streams, groups and results are gone
+            await anyio.sleep(0.5)
+            server = EmbeddedRedis(port=server.port)
+            server.start()
+            after = await client.align("after the restart", budget=4, timeout_s=20)
+        assert after.status == ResultStatus.OK and scheduler.num_answered == 2
+        await redis.aclose()
+    finally:
+        server.stop()

@@ -61,7 +61,7 @@ def test_environment_names_are_settings_fields(name: str) -> None:
 
 def test_documented_gpu_per_replica_pattern_is_valid() -> None:
     text = (ROOT / "compose.yaml").read_text()
-    block = re.search(r"^  # worker-gpu1:\n((?:  #.*\n)+)", text, re.M)
+    block = re.search(r"^  # worker-gpu1:\n((?:  #.*\n)+)", text, re.MULTILINE)
     assert block, "compose.yaml lacks the one-GPU-per-replica example"
     uncommented = "\n".join(line.replace("  # ", "  ", 1) for line in ("  # worker-gpu1:\n" + block.group(1)).splitlines())
     anchors = "x-alignq-env: &alignq-env\n  ALIGNQ_REDIS_URL: redis://redis:6379/0\nservices:\n"
@@ -86,5 +86,5 @@ def test_dockerfile_copies_files_that_exist_and_installs_the_project() -> None:
     for package in ("schemas", "middleware", "workers"):
         assert any(package in args[0] for args in copies), f"the image lacks {package}/"
     assert re.search(r"pip install .*torch==\$\{TORCH_VERSION\}", dockerfile) and "ARG TORCH_VERSION=2.13.0" in dockerfile
-    assert re.search(r"^RUN pip install \. ", dockerfile, re.M)
+    assert re.search(r"^RUN pip install \. ", dockerfile, re.MULTILINE)
     assert 'ENTRYPOINT ["alignq"]' in dockerfile
