@@ -9,7 +9,7 @@ a chatbot backend: no torch, no worker code.
         async for event in client.stream("Explain KV caches", method="uniform"):
             print(event.kind, event.data)
 
-Submit is one Lua script per request (``SUBMIT_LUA``): if fewer than ``max_pending`` requests are
+Submit is one Lua script per request (``middleware.admission``): if fewer than ``max_pending`` requests are
 accepted-but-unanswered it ZADDs the request to ``keys.pending_requests`` and XADDs it to
 ``keys.requests``, atomically; otherwise nothing is written and the client raises ``Overloaded``.
 The script is idempotent on ``request_id``, so a submit retried after a dropped connection never
@@ -41,6 +41,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from middleware.admission import OVERLOADED, SUBMIT_LUA, estimate_retry_after_s
 from middleware.errors import ClientError
 from middleware.event_router import EventRouter
 from schemas import (
@@ -68,6 +69,7 @@ __all__ = [
     "RequestFailed",
     "RequestLost",
     "ResultTimeout",
+    "estimate_retry_after_s",
 ]
 
 logger = logging.getLogger(__name__)
@@ -111,42 +113,7 @@ class ConnectionLost(ClientError):
     """Redis could not be reached for longer than ``reconnect_timeout_s``."""
 
 
-# KEYS: pending zset, requests stream, answered marker.  ARGV: max_pending, request_id, now_ms, payload.
-# Returns {status, num_pending, oldest_submitted_ms}: status 1 accepted, 2 already pending or answered
-# (idempotent retry: nothing written), 0 overloaded (nothing written).
-SUBMIT_LUA = """
-local num_pending = redis.call('ZCARD', KEYS[1])
-if redis.call('ZSCORE', KEYS[1], ARGV[2]) or redis.call('EXISTS', KEYS[3]) == 1 then
-  return {2, num_pending, 0}
-end
-if num_pending >= tonumber(ARGV[1]) then
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  return {0, num_pending, tonumber(oldest[2] or ARGV[3])}
-end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
-redis.call('XADD', KEYS[2], '*', 'm', ARGV[4])
-return {1, num_pending + 1, 0}
-"""
-
-_ACCEPTED, _DUPLICATE, _OVERLOADED = 1, 2, 0
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
-MIN_RETRY_AFTER_S = 0.25
-MAX_RETRY_AFTER_S = 60.0
-
-
-def estimate_retry_after_s(num_pending: int, max_pending: int, oldest_age_s: float) -> float:
-    """How long until the queue has room, assuming it drains at its recent rate.
-
-    In steady state the oldest pending request has waited about as long as the whole queue takes to
-    turn over, so one slot frees every ``oldest_age_s / num_pending`` seconds; we need
-    ``num_pending - max_pending + 1`` of them. Clamped to [0.25 s, 60 s] so a fresh flood (age near 0)
-    still backs off and a stuck deployment does not tell clients to wait for hours.
-    """
-    if num_pending <= 0:
-        return MIN_RETRY_AFTER_S
-    slots_needed = max(1, num_pending - max_pending + 1)
-    estimate_s = max(0.0, oldest_age_s) / num_pending * slots_needed
-    return min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, estimate_s))
 
 
 def _error_result(request_id: str, code: ErrorCode, message: str) -> AlignResult:
@@ -277,7 +244,7 @@ class Client:
 
     def _check_submit_reply(self, reply: Sequence[Any]) -> None:
         status, num_pending, oldest_ms = (int(value) for value in reply)
-        if status == _OVERLOADED:
+        if status == OVERLOADED:
             retry_after_s = estimate_retry_after_s(num_pending, self.max_pending, (now_ms() - oldest_ms) / 1000)
             raise Overloaded(
                 f"alignq is overloaded: {num_pending} requests pending (max_pending={self.max_pending}); "

@@ -227,7 +227,7 @@ async def test_bad_input_is_400_in_openai_shape(redis_url: str, path: str, paylo
 
 
 async def test_oversize_body_is_413(redis_url: str) -> None:
-    from middleware.gateway import MAX_BODY_BYTES
+    from middleware.gateway_http import MAX_BODY_BYTES
 
     with running_gateway(redis_url) as base_url:
         async with httpx.AsyncClient() as http:
