@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 from middleware.client import (
     BadRequest,
     Client,
+    ConnectionLost,
     Overloaded,
     RequestFailed,
     RequestLost,
@@ -315,3 +316,67 @@ async def test_many_concurrent_waits_share_few_connections(redis_url: str) -> No
         assert time.monotonic() - started < 8
         assert set(results) == set(request_ids)
         assert client._router.num_subscriptions == 0
+
+
+async def test_waiters_get_request_lost_after_a_redis_restart_without_persistence(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+    import socket
+    import subprocess
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server not on PATH")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--dir", str(tmp_path)]
+
+    def start() -> subprocess.Popen:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                return process
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    server = start()
+    try:
+        async with Client(f"redis://127.0.0.1:{port}/0", poll_interval_s=0.2, reconnect_timeout_s=10) as client:
+            request_ids = await client.submit_many(["a", "b", "c"])
+            outcomes: list[BaseException] = []
+
+            async def wait(request_id: str) -> None:
+                try:
+                    await client.result(request_id, timeout_s=20)
+                except ClientError as e:
+                    outcomes.append(e)
+
+            started = time.monotonic()
+            async with anyio.create_task_group() as tg:
+                for request_id in request_ids:
+                    tg.start_soon(wait, request_id)
+                await anyio.sleep(0.3)
+                server.terminate()
+                server.wait()
+                await anyio.sleep(0.5)  # down for a while: waits retry, they do not fail yet
+                server = start()
+            assert [type(e) for e in outcomes] == [RequestLost] * 3
+            assert time.monotonic() - started < 10
+            # Redis is back and empty: submitting works again
+            assert await client.submit("again")
+            # Redis gone for good: a typed error after reconnect_timeout_s, not a hang
+            server.terminate()
+            server.wait()
+            client.reconnect_timeout_s = 1.0
+            started = time.monotonic()
+            with pytest.raises(ConnectionLost):
+                await client.submit("nobody listens")
+            with pytest.raises(ConnectionLost):
+                await client.result("anything", timeout_s=30)
+            assert time.monotonic() - started < 8
+    finally:
+        server.terminate()
+        server.wait()
