@@ -83,12 +83,14 @@ class Overloaded(ClientError):
     """``max_pending`` requests are waiting; nothing was queued. Retry after ``retry_after_s``."""
 
     def __init__(self, message: str, *, retry_after_s: float, num_pending: int = 0,
-                 submitted_ids: Sequence[str] = ()) -> None:
+                 submitted_ids: Sequence[str] = (), rejected_ids: Sequence[str] = ()) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
         self.num_pending = num_pending
         #: submit_many: ids of the items accepted before the queue filled up (in input order).
         self.submitted_ids = list(submitted_ids)
+        #: submit_many: ids of the items not queued (retry those).
+        self.rejected_ids = list(rejected_ids)
 
 
 class RequestFailed(ClientError):
@@ -201,24 +203,35 @@ class Client:
         """Queue many prompts, one pipelined round trip per ``submit_chunk_size`` items.
 
         Items are prompts, dicts of AlignRequest fields (with ``prompt``), or AlignRequests. All are
-        validated before anything is sent. If the queue fills up part way, raises Overloaded with
-        ``submitted_ids`` = the ids accepted so far (they stay queued).
+        validated before anything is sent. If the queue fills up, the chunk in flight completes and
+        no further chunk is sent; Overloaded then carries ``submitted_ids`` (accepted, they stay
+        queued) and ``rejected_ids`` (not queued), each in input order.
         """
         requests = [self._as_request(item) for item in items]
         payloads = [self._encode(request) for request in requests]
         sha = await self._with_reconnect(self._load_script)
         submitted_ids: list[str] = []
+        rejected_ids: list[str] = []
+        overloaded: Overloaded | None = None
         for start in range(0, len(requests), self.submit_chunk_size):
+            if overloaded is not None:
+                rejected_ids.extend(request.request_id for request in requests[start:])
+                break
             chunk = list(zip(requests[start:start + self.submit_chunk_size],
                              payloads[start:start + self.submit_chunk_size]))
             replies = await self._with_reconnect(lambda chunk=chunk: self._submit_chunk(sha, chunk))
             for (request, _), reply in zip(chunk, replies):
                 try:
                     self._check_submit_reply(reply)
-                except Overloaded as e:
-                    e.submitted_ids = submitted_ids
-                    raise
+                except Overloaded as e:  # a later item of the chunk may still fit (a slot freed)
+                    overloaded = overloaded or e
+                    rejected_ids.append(request.request_id)
+                    continue
                 submitted_ids.append(request.request_id)
+        if overloaded is not None:
+            overloaded.submitted_ids = submitted_ids
+            overloaded.rejected_ids = rejected_ids
+            raise overloaded
         return submitted_ids
 
     async def _submit_chunk(self, sha: str, chunk: list[tuple[AlignRequest, bytes]]) -> list[Any]:

@@ -174,7 +174,8 @@ def create_app(settings: GatewaySettings, *, redis: aioredis.Redis | None = None
             if not e.submitted_ids:
                 raise error_from_client(e) from e
             accepted_ids = e.submitted_ids
-            rejected = [(i, error_from_client(e)) for i in range(len(accepted_ids), len(requests))]
+            rejected_set = set(e.rejected_ids)
+            rejected = [(i, error_from_client(e)) for i, r in enumerate(requests) if r.request_id in rejected_set]
         except ClientError as e:
             raise error_from_client(e) from e
         timeout_s = min(body.timeout_s or settings.request_timeout_s, settings.request_timeout_s)

@@ -125,13 +125,13 @@ async def test_overloaded_when_pending_is_full(redis_url: str) -> None:
         assert await client.redis.xlen(KEYS.requests) == 3  # nothing written
         with pytest.raises(Overloaded) as excinfo:
             await client.submit_many(["a", "b"])
-        assert excinfo.value.submitted_ids == []
+        assert excinfo.value.submitted_ids == [] and len(excinfo.value.rejected_ids) == 2
         # the scheduler answers one: room for exactly one more
         first_id = (await client.redis.zrange(KEYS.pending_requests, 0, 0))[0].decode()
         await publish_answer(client.redis, ok_result(first_id))
         with pytest.raises(Overloaded) as excinfo:
-            await client.submit_many(["x", "y"])
-        assert len(excinfo.value.submitted_ids) == 1
+            await client.submit_many([AlignRequest(prompt="x", request_id="x"), AlignRequest(prompt="y", request_id="y")])
+        assert excinfo.value.submitted_ids == ["x"] and excinfo.value.rejected_ids == ["y"]
         assert await client.redis.xlen(KEYS.requests) == 4
 
 
@@ -380,3 +380,24 @@ async def test_waiters_get_request_lost_after_a_redis_restart_without_persistenc
     finally:
         server.terminate()
         server.wait()
+
+
+async def test_a_flood_is_bounded_by_max_pending(redis_url: str) -> None:
+    async with Client(redis_url, max_pending=500) as client:
+        accepted = await client.submit_many([f"flood {i}" for i in range(500)])
+        memory_full = await client.redis.memory_usage(KEYS.requests) + await client.redis.memory_usage(KEYS.pending_requests)
+        num_rejected = 0
+        started = time.perf_counter()
+        for wave in range(20):  # 10,000 more, none fits
+            try:
+                await client.submit_many([f"wave {wave} item {i}" for i in range(500)])
+            except Overloaded as e:
+                assert e.submitted_ids == [] and e.retry_after_s >= 0.25
+                num_rejected += 500
+        rejected_per_s = num_rejected / (time.perf_counter() - started)
+        memory_after = await client.redis.memory_usage(KEYS.requests) + await client.redis.memory_usage(KEYS.pending_requests)
+        assert len(accepted) == 500 and num_rejected == 10_000
+        assert await client.redis.xlen(KEYS.requests) == 500
+        assert await client.redis.zcard(KEYS.pending_requests) == 500
+        assert memory_after == memory_full  # flat: a rejected submit writes nothing
+        assert rejected_per_s > 1000  # fails fast

@@ -390,3 +390,23 @@ def test_run_gateway_needs_a_redis_url() -> None:
 
     with pytest.raises(UsageError, match="ALIGNQ_REDIS_URL"):
         run_gateway(GatewaySettings(redis_url=None))
+
+
+async def test_batch_beyond_max_pending_reports_the_rejected_items(redis_url: str) -> None:
+    async def slowly(request: AlignRequest) -> None:
+        await anyio.sleep(0.5)  # no slot frees while the batch is being submitted
+
+    scheduler = StandInScheduler(redis_url, before_answer=slowly, method_events=False)
+    with running_gateway(redis_url, max_pending=2) as base_url:
+
+        async def body() -> None:
+            async with httpx.AsyncClient(timeout=30) as http:
+                response = await http.post(f"{base_url}/v1/align/batch",
+                                           json={"requests": [{"prompt": f"p{i}"} for i in range(4)]})
+            lines = [json.loads(line) for line in response.text.splitlines() if line]
+            rejected = sorted(line["index"] for line in lines if "error" in line)
+            answered = sorted(line["index"] for line in lines if "result" in line)
+            assert rejected == [2, 3] and answered == [0, 1]
+            assert all(line["error"]["code"] == "overloaded" for line in lines if "error" in line)
+
+        await with_scheduler(scheduler, body)
