@@ -271,7 +271,9 @@ async def test_killed_scheduler_requests_are_reclaimed_and_kept_samples_reused(r
         victim_scope = anyio.CancelScope()  # cancelled without draining: what kill -9 leaves behind
         tg.start_soon(partial(_run_in_scope, victim, victim_scope))
         async with Client(redis) as client:
-            ids = await client.submit_many([{"prompt": f"k{i}", "budget": 8} for i in range(4)])
+            # Never solved (p = 0): every prompt gets stage-2 samples, so none is answered before the kill.
+            ids = await client.submit_many([{"prompt": f"k{i}", "budget": 8, "metadata": {"p": 0.0}}
+                                            for i in range(4)])
             with anyio.fail_after(10):
                 while not all([await has_event(redis, rid, EventKind.ALLOCATED) for rid in ids]):
                     await anyio.sleep(0.02)
