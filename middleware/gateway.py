@@ -7,6 +7,7 @@ An ASGI app (FastAPI on uvicorn) that talks to the scheduler only through Redis,
     POST /v1/completions         OpenAI text completions (``best_of`` = budget when budget is unset)
     POST /v1/align/batch         {"requests": [{prompt, ...AlignRequest fields}]} -> NDJSON, as they finish
     GET  /v1/align/{request_id}  the AlignResult (200), still pending (202), unknown or lost (404)
+    GET  /v1/models              one model, ``alignq`` (the workers' model), for clients that list first
     GET  /healthz                Redis ping, live schedulers / workers / gateways (heartbeats)
     GET  /metrics                Prometheus text: deployment-wide telemetry (see middleware.metrics)
 
@@ -159,6 +160,12 @@ def create_app(settings: GatewaySettings, *, redis: aioredis.Redis | None = None
         except ValueError as e:
             raise GatewayError(400, str(e), code="bad_request", param="prompt") from e
         return await _complete(request, body, prompt, chat=False)
+
+    @app.get("/v1/models", dependencies=authed)
+    async def models() -> JSONResponse:
+        # The deployment serves whatever model its workers load; clients that list models first see one.
+        return JSONResponse({"object": "list", "data": [{"id": "alignq", "object": "model", "created": 0,
+                                                          "owned_by": "alignq"}]})
 
     @app.post("/v1/align/batch", dependencies=authed)
     async def align_batch(body: BatchBody, request: Request) -> StreamingResponse:

@@ -120,6 +120,6 @@ def endpoint_label(path: str) -> str:
     """The metrics label of a path: route templates, never raw ids."""
     if path.startswith("/v1/align/") and path != "/v1/align/batch":
         return "/v1/align/{request_id}"
-    if path in ("/v1/chat/completions", "/v1/completions", "/v1/align/batch", "/healthz", "/metrics"):
+    if path in ("/v1/chat/completions", "/v1/completions", "/v1/align/batch", "/v1/models", "/healthz", "/metrics"):
         return path
     return "other"

@@ -60,6 +60,7 @@ async def test_chat_completion_with_the_openai_client(redis_url: str) -> None:
             assert completion.usage.completion_tokens == 4 + 4 + 4 + 3  # every sample's tokens, not just the choices'
             assert completion.usage.prompt_tokens > 0
             assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+            assert [model.id async for model in client.models.list()] == ["alignq"]
 
         await with_scheduler(scheduler, body)
         request = scheduler.requests[0]
