@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import pathlib
+import signal
+import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,6 +24,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from middleware.cli.services import alignq_command
 from middleware.client import Client
 from middleware.embedded_redis import EmbeddedRedis
 from middleware.scheduler import ANSWER_LUA, Scheduler
@@ -375,3 +380,30 @@ async def test_scheduler_survives_a_redis_restart() -> None:
         await redis.aclose()
     finally:
         server.stop()
+
+
+async def test_scheduler_process_drains_on_sigterm_and_exits_0(redis: aioredis.Redis, redis_url: str,
+                                                                 tmp_path: os.PathLike) -> None:
+    worker = SyntheticWorker(redis, delays_s={JobKind.EXPLOIT: 0.5})
+    env = {**os.environ, "ALIGNQ_REDIS_URL": redis_url, "ALIGNQ_WINDOW_MS": "20", "ALIGNQ_DEFAULT_BUDGET": "8",
+           "ALIGNQ_EXPLORE_FRACTION": "0.5", "ALIGNQ_HEARTBEAT_MS": "100"}
+    with open(os.path.join(tmp_path, "scheduler.log"), "wb") as log:  # noqa: ASYNC230 - setup, not I/O-bound
+        process = await anyio.open_process(alignq_command("-v", "scheduler"), env=env, stdout=subprocess.DEVNULL,
+                                           stderr=log)
+    async with anyio.create_task_group() as tg, Client(redis) as client:
+        tg.start_soon(worker.run)
+        ids = await client.submit_many([{"prompt": f"t{i}", "metadata": {"p": 0.0}} for i in range(3)])
+        with anyio.fail_after(20):
+            while not all([await has_event(redis, rid, EventKind.ALLOCATED) for rid in ids]):
+                await anyio.sleep(0.02)
+        process.send_signal(signal.SIGTERM)  # mid stage 2: the window finishes before the exit
+        with anyio.fail_after(15):
+            code = await process.wait()
+        results = await results_of(client, ids, timeout_s=1)
+        tg.cancel_scope.cancel()
+    await process.aclose()
+    log_text = pathlib.Path(tmp_path, "scheduler.log").read_text()
+    assert code == 0, log_text
+    assert [r.status for r in results] == [ResultStatus.OK] * 3 and all(r.samples_used == 8 for r in results)
+    assert "draining" in log_text
+    assert not [key async for key in redis.scan_iter(match=KEYS.heartbeat_pattern("scheduler"))]
