@@ -258,7 +258,8 @@ async def _submit_all(client: Any, requests: list[AlignRequest]) -> list[str]:
             return submitted
         except Overloaded as e:
             submitted.extend(e.submitted_ids)
-            remaining = remaining[len(e.submitted_ids):]
+            rejected = set(e.rejected_ids)
+            remaining = [request for request in remaining if request.request_id in rejected]
             logger.info("queue full, retrying %d requests in %.2f s", len(remaining), e.retry_after_s)
             await anyio.sleep(e.retry_after_s)
     return submitted
