@@ -255,11 +255,14 @@ class Scheduler:
         except ResponseError as e:  # NOGROUP: Redis lost the stream; nothing is ours any more
             logger.warning("lease renewal failed: %s", e)
             still_ours = set()
+        plan = Plan()
         for entry_id, request_id in held.items():
             if entry_id not in still_ours and request_id in self.core.requests:
                 # Reclaimed by another scheduler (we stalled) or lost by Redis: it is not ours to answer.
                 logger.warning("lost the lease, dropping request_id=%s entry_id=%s", request_id, entry_id)
-                self.core.drop(request_id)
+                plan.extend(self.core.release(request_id, now_ms()))
+        if plan:
+            await self._apply(plan)
 
     # -- intake -----------------------------------------------------------------------------------
     async def _take(self, entries: list[StreamEntry], *, redelivered: bool = False) -> None:

@@ -303,6 +303,12 @@ class SchedulerCore:
             del state.jobs[job_id]
         return self._after_progress(state, now_ms)
 
+    def release(self, request_id: str, now_ms: int) -> Plan:
+        """Give a request up unanswered (its lease was lost); its window may now be ready for stage 2."""
+        state = self.drop(request_id)
+        window = self.windows.get(state.window_id) if state is not None and state.window_id is not None else None
+        return self._plan_if_explored(window, now_ms) if window is not None else Plan()
+
     def drop(self, request_id: str) -> RequestState | None:
         """Forget a request without answering it (its entry stays un-acked for another scheduler)."""
         state = self.requests.pop(request_id, None)

@@ -24,6 +24,20 @@ from schemas import PAYLOAD_FIELD, DeadLetter, Keys, encode
 
 logger = logging.getLogger(__name__)
 
+# KEYS: stream. ARGV: group, consumer, entry ids. XCLAIM (JUSTID, idle 0) each id still pending for
+# this consumer; returns those ids.
+RENEW_LUA = """
+local kept = {}
+for i = 3, #ARGV do
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if pending[1] and pending[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    kept[#kept + 1] = ARGV[i]
+  end
+end
+return kept
+"""
+
 DEAD_LETTER_MAXLEN = 10_000  # approximate: the dead-letter stream is for an operator, not an archive
 
 
@@ -62,6 +76,7 @@ class StreamConsumer:
         self.consumer = consumer
         self._own_cursor: str | None = "0"  # None once our pending entries are drained
         self._claim_cursor = "0-0"
+        self._renew_script = redis.register_script(RENEW_LUA)
 
     @property
     def is_reading_own_pending(self) -> bool:
@@ -123,12 +138,13 @@ class StreamConsumer:
         return [entry for entry in _entries(reply[1]) if entry.fields]
 
     async def renew(self, entry_ids: Sequence[str]) -> list[str]:
-        """Reset the idle time of entries we hold (JUSTID: delivery counts unchanged). Returns those still ours."""
+        """Reset the idle time of entries we still hold; returns those. Atomic (Lua), so an entry another
+        consumer has taken over stays theirs (a bare XCLAIM would steal it back). JUSTID: the delivery
+        count is unchanged."""
         if not entry_ids:
             return []
-        claimed = await self.redis.xclaim(self.stream, self.group, self.consumer, min_idle_time=0,
-                                          message_ids=list(entry_ids), justid=True)
-        return [_text(entry_id) for entry_id in claimed]
+        kept = await self._renew_script(keys=[self.stream], args=[self.group, self.consumer, *entry_ids])
+        return [_text(entry_id) for entry_id in kept]
 
     async def delivery_counts(self, entry_ids: Sequence[str]) -> dict[str, int]:
         """How many times each pending entry was delivered (entries no longer pending are left out)."""

@@ -407,3 +407,26 @@ async def test_scheduler_process_drains_on_sigterm_and_exits_0(redis: aioredis.R
     assert [r.status for r in results] == [ResultStatus.OK] * 3 and all(r.samples_used == 8 for r in results)
     assert "draining" in log_text
     assert not [key async for key in redis.scan_iter(match=KEYS.heartbeat_pattern("scheduler"))]
+
+
+async def test_scheduler_gives_up_requests_whose_lease_another_scheduler_took(redis: aioredis.Redis) -> None:
+    worker = SyntheticWorker(redis, delays_s={JobKind.EXPLOIT: 1.0})
+    async with running(redis, make_settings(_url(redis), window_ms=10), worker=worker) as (scheduler,), \
+            Client(redis) as client:
+        rid = await client.submit("taken over", budget=8, metadata={"p": 0.0})
+        with anyio.fail_after(10):
+            while not await has_event(redis, rid, EventKind.ALLOCATED):
+                await anyio.sleep(0.02)
+        (entry_id,) = scheduler.core.entry_ids()
+        await redis.xclaim(KEYS.requests, SCHEDULER_GROUP, "other", min_idle_time=0, message_ids=[entry_id])
+        other = StreamConsumer(redis, KEYS.requests, SCHEDULER_GROUP, "other")
+        with anyio.fail_after(5):
+            while scheduler.core.num_in_flight:
+                await other.renew([entry_id])  # "other" is alive: keeps its lease
+                await anyio.sleep(0.02)
+        with anyio.move_on_after(1.2):  # the stage-2 reply arrives, for a request no longer ours
+            while True:
+                await other.renew([entry_id])
+                await anyio.sleep(0.05)
+        assert await other.renew([entry_id]) == [entry_id]
+    assert scheduler.num_answered == 0 and await redis.exists(KEYS.result(rid)) == 0

@@ -253,3 +253,12 @@ def test_several_windows_in_flight() -> None:
 def test_rank_samples_puts_non_finite_last() -> None:
     samples = [Sample(index=i, text="", reward=r, num_tokens=0) for i, r in enumerate([math.inf, 1.0, math.nan, 3.0])]
     assert [s.index for s in rank_samples(samples)] == [3, 1, 0, 2]
+
+
+def test_releasing_the_last_unexplored_request_lets_its_window_plan() -> None:
+    core = make_core(max_window=2)
+    jobs = {job.request_id: job for job in admit_all(core, make_request("kept"), make_request("lost")).jobs}
+    assert not core.on_sample_set(reply(jobs["kept"]), T0 + 1).jobs
+    plan = core.release("lost", T0 + 2)
+    assert [(job.request_id, job.kind) for job in plan.jobs] == [("kept", JobKind.EXPLOIT)]
+    assert not plan.answers and "lost" not in core.requests

@@ -91,3 +91,16 @@ async def test_dead_letter_records_the_reason_and_acks(redis: aioredis.Redis) ->
     letter = decode(DeadLetter, entries[0][1][PAYLOAD_FIELD])
     assert (letter.entry_id, letter.reason, letter.payload) == (ids[0], "not valid msgpack", b"\xc1garbage")
     assert (await redis.xpending(KEYS.requests, GROUP))["pending"] == 0
+
+
+async def test_renew_never_takes_back_an_entry_another_consumer_claimed(redis: aioredis.Redis) -> None:
+    slow = StreamConsumer(redis, KEYS.requests, GROUP, "slow")
+    other = StreamConsumer(redis, KEYS.requests, GROUP, "other")
+    await slow.ensure_group()
+    ids = await add(redis, b"1", b"2")
+    await slow.read(count=2, block_ms=10)
+    await redis.xclaim(KEYS.requests, GROUP, "other", min_idle_time=0, message_ids=[ids[0]])
+    assert await slow.renew(ids) == [ids[1]]
+    assert await other.renew(ids) == [ids[0]]
+    await slow.ack(ids[1])
+    assert await slow.renew(ids) == []
