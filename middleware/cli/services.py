@@ -262,25 +262,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import anyio
 
     from middleware.cli.batch import ServiceError, ServiceProcesses
-    from middleware.scheduler import serve_scheduler
 
     settings = build_settings(SchedulerSettings, args, SCHEDULER_FLAGS)
     worker_env = _worker_env(args)
     try:
-        services = ServiceProcesses(settings.redis_url, verbosity=args.verbose).__enter__()
+        with ServiceProcesses(settings.redis_url, verbosity=args.verbose) as services:
+            settings = settings.model_copy(update={"redis_url": services.redis_url})
+            services.start_workers(args.workers, worker_env)
+            gateway_env = {"ALIGNQ_NAMESPACE": settings.namespace}
+            gateway_env.update({f"ALIGNQ_{name.upper()}": str(value) for name, value in
+                                (("host", args.host), ("port", args.port)) if value is not None})
+            services.start("gateway", ["gateway"], gateway_env)
+            print(f"alignq serving: redis {services.redis_url}, {args.workers} worker(s), gateway "
+                  f"http://{args.host or '127.0.0.1'}:{args.port or 8000}  (Ctrl-C to stop)", file=sys.stderr)
+            return anyio.run(_serve, settings, services)
     except ServiceError as e:
         print(f"alignq serve: {e}", file=sys.stderr)
         return 1
-    with services:
-        settings = settings.model_copy(update={"redis_url": services.redis_url})
-        services.start_workers(args.workers, worker_env)
-        gateway_env = {"ALIGNQ_REDIS_URL": services.redis_url, "ALIGNQ_NAMESPACE": settings.namespace}
-        gateway_env.update({f"ALIGNQ_{k.upper()}": str(v) for k, v in (("host", args.host), ("port", args.port))
-                            if v is not None})
-        services.start("gateway", ["gateway"], gateway_env)
-        print(f"alignq serving: redis {services.redis_url}, {args.workers} worker(s), gateway "
-              f"http://{args.host or '127.0.0.1'}:{args.port or 8000}  (Ctrl-C to stop)", file=sys.stderr)
-        anyio.run(serve_scheduler, settings)
+
+
+async def _serve(settings: SchedulerSettings, services: Any) -> int:
+    """The scheduler until Ctrl-C/SIGTERM, watching the child processes: one dying stops the rest (exit 1)."""
+    import anyio
+
+    from middleware.cli.batch import ServiceError
+    from middleware.scheduler import serve_scheduler
+
+    stop = anyio.Event()
+    failures: list[ServiceError] = []
+
+    async def watch() -> None:
+        while not stop.is_set():
+            try:
+                services.check_alive()
+            except ServiceError as e:
+                failures.append(e)
+                stop.set()
+            await anyio.sleep(1.0)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch)
+        await serve_scheduler(settings, stop=stop)
+        tg.cancel_scope.cancel()
+    if failures:
+        print(f"alignq serve: {failures[0]}", file=sys.stderr)
+        return 1
     return 0
 
 
