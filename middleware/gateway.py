@@ -104,6 +104,7 @@ def create_app(settings: GatewaySettings, *, redis: aioredis.Redis | None = None
             finally:
                 tg.cancel_scope.cancel()
         with anyio.CancelScope(shield=True):
+            await app.state.client.aclose()  # stops its event readers; the connection is ours
             try:
                 await connection.delete(keys.heartbeat("gateway", gateway_id))
             except Exception as e:  # noqa: BLE001 - best effort on the way out
