@@ -46,6 +46,7 @@ from schemas import (
     ResultStatus,
     Sample,
     SampleSet,
+    SchemaError,
     decode,
     encode,
 )
@@ -430,3 +431,77 @@ async def test_scheduler_gives_up_requests_whose_lease_another_scheduler_took(re
                 await anyio.sleep(0.05)
         assert await other.renew([entry_id]) == [entry_id]
     assert scheduler.num_answered == 0 and await redis.exists(KEYS.result(rid)) == 0
+
+
+def fuzz_payloads() -> list[bytes]:
+    """1,000 payloads from hypothesis: garbage bytes, random maps, truncated and mutated valid requests."""
+    import msgpack
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    valid = AlignRequest(prompt="fuzz", budget=4).model_dump(mode="python")
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**63, max_value=2**64 - 1),
+                        st.floats(allow_nan=True), st.text(max_size=30), st.binary(max_size=30))
+    values = st.one_of(scalars, st.lists(scalars, max_size=3), st.dictionaries(st.text(max_size=8), scalars, max_size=3))
+    request_ids = st.one_of(st.from_regex(r"fz[a-z0-9]{1,12}", fullmatch=True), scalars)
+
+    @st.composite
+    def mutated(draw: st.DrawFn) -> bytes:
+        message = dict(valid, request_id=draw(request_ids))
+        for _ in range(draw(st.integers(min_value=0, max_value=3))):
+            field = draw(st.one_of(st.sampled_from(sorted(valid)), st.text(max_size=10)))
+            if draw(st.booleans()) and field in message and field != "request_id":
+                del message[field]
+            else:
+                message[field] = draw(values)
+        return msgpack.packb(message, use_bin_type=True)
+
+    valid_bytes = msgpack.packb(valid, use_bin_type=True)
+    payloads: list[bytes] = []
+    strategy = st.one_of(
+        st.binary(max_size=200),
+        st.dictionaries(st.text(max_size=10), values, max_size=6).map(lambda d: msgpack.packb(d, use_bin_type=True)),
+        st.integers(min_value=1, max_value=len(valid_bytes) - 1).map(lambda k: valid_bytes[:k]),
+        mutated(),
+    )
+
+    @settings(max_examples=1000, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(strategy)
+    def collect(payload: bytes) -> None:
+        payloads.append(payload)
+
+    collect()
+    return payloads
+
+
+async def test_fuzzed_requests_are_answered_or_dead_lettered_and_nothing_crashes(redis: aioredis.Redis) -> None:
+    from schemas import salvage_request_id
+
+    payloads = fuzz_payloads()
+    assert len(payloads) >= 900
+    entry_ids = []
+    async with redis.pipeline(transaction=False) as pipe:
+        for payload in payloads:
+            pipe.xadd(KEYS.requests, {PAYLOAD_FIELD: payload})
+        entry_ids = [entry_id.decode() for entry_id in await pipe.execute()]
+    settings = make_settings(_url(redis), max_budget=64, max_in_flight=512, max_window=64)
+    async with running(redis, settings) as (scheduler,):
+        with anyio.fail_after(120):
+            while True:
+                (group,) = await redis.xinfo_groups(KEYS.requests)
+                if group["pending"] == 0 and group["lag"] == 0 and not scheduler.core.num_in_flight:
+                    break
+                await anyio.sleep(0.1)
+    dead = {decode(DeadLetter, f[PAYLOAD_FIELD]).entry_id for _, f in await redis.xrange(KEYS.dead_letters)}
+    unanswered = []
+    for entry_id, payload in zip(entry_ids, payloads):
+        try:  # pydantic's lax mode accepts e.g. a bytes request_id, which salvage does not
+            request_id = decode(AlignRequest, payload).request_id
+        except SchemaError:
+            request_id = salvage_request_id(payload)
+        if entry_id in dead:
+            continue
+        if request_id is None or not await redis.exists(KEYS.result(request_id)):
+            unanswered.append((entry_id, payload[:80]))
+    assert unanswered == []
+    assert len(dead) > 0 and scheduler.num_answered > 0
