@@ -8,6 +8,7 @@ worker process loads the model and de-quantising takes ~15 s where a cached relo
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 import logging
@@ -196,23 +197,19 @@ def _gguf_cache(gguf: Path, dtype: torch.dtype, cache_root: Path) -> Path:
     target = cache_root / f"{gguf.stem}-{stat.st_size}-{dtype_name}-{CACHE_FORMAT_VERSION}"
     if (target / "config.json").is_file():
         return target
-    logger.info("de-quantising %s into %s (once; later loads read the cache)", gguf, target)
     started = time.perf_counter()
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"cannot read GGUF file {gguf}: {str(e).splitlines()[0]}") from e
-    # transformers refuses to save a GGUF-loaded model: rebuild a clean one and copy the weights in
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    clean.load_state_dict(loaded.state_dict())
-    clean.generation_config = loaded.generation_config
-    clean.to(dtype)
+    # the same weights already cached in float32: a lossless source, so a cast instead of a de-quantisation
+    sibling = cache_root / f"{gguf.stem}-{stat.st_size}-float32-{CACHE_FORMAT_VERSION}"
+    if (sibling / "config.json").is_file():
+        logger.info("caching %s from %s", target, sibling)
+        tokenizer = AutoTokenizer.from_pretrained(sibling)
+        clean = AutoModelForCausalLM.from_pretrained(sibling, dtype=dtype)
+    else:
+        logger.info("de-quantising %s into %s (once; later loads read the cache)", gguf, target)
+        clean, tokenizer = _dequantise(gguf)
+        clean.to(dtype)
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache_root))
     try:
@@ -227,3 +224,24 @@ def _gguf_cache(gguf: Path, dtype: torch.dtype, cache_root: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("cached %s in %.1f s", target, time.perf_counter() - started)
     return target
+
+
+def _dequantise(gguf: Path) -> tuple[Any, Any]:
+    """(model, tokenizer) from a GGUF file, the model rebuilt clean in float32 so that it can be saved."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"cannot read GGUF file {gguf}: {str(e).splitlines()[0]}") from e
+    # transformers refuses to save a GGUF-loaded model: rebuild a clean one and copy the weights in
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):  # no random init of weights that are overwritten next
+        clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(loaded.state_dict(), assign=True)
+    clean.tie_weights()
+    clean.generation_config = copy.deepcopy(loaded.generation_config)
+    return clean, tokenizer

@@ -26,18 +26,20 @@ def cli_env() -> dict[str, str]:
     return os.environ | {"ALIGNQ_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
-def test_sample_json_lists_n_samples_best_first(tiny_llama_dir: pathlib.Path) -> None:
-    argv = [ALIGNQ, "sample", "Tell me about the sea", "-n", "5", "--json", "--model", str(tiny_llama_dir),
-            "--reward", "python:workers.scorers:distinct_words", "--max-new-tokens", "9", "--seed", "3"]
-    done = subprocess.run(argv, check=False, capture_output=True, text=True, env=cli_env(), timeout=120)
+def test_sample_json_lists_n_samples_best_first(tiny_llama_dir: pathlib.Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    argv = ["sample", "Tell me about the sea", "-n", "5", "--json", "--model", str(tiny_llama_dir), "--dtype",
+            "float32", "--reward", "python:workers.scorers:distinct_words", "--max-new-tokens", "9", "--seed", "3"]
+    done = subprocess.run([ALIGNQ, *argv], check=False, capture_output=True, text=True, env=cli_env(), timeout=120)
     assert done.returncode == 0, done.stderr
     samples = json.loads(done.stdout)
     assert len(samples) == 5 and all(set(s) == {"text", "reward", "num_tokens"} for s in samples)
     rewards = [s["reward"] for s in samples]
     assert rewards == sorted(rewards, reverse=True)
     assert all(1 <= s["num_tokens"] <= 9 for s in samples)
-    again = subprocess.run(argv, check=False, capture_output=True, text=True, env=cli_env(), timeout=120)
-    assert json.loads(again.stdout) == samples  # same seed, same samples
+    monkeypatch.setenv("ALIGNQ_NUM_THREADS", "1")
+    code, out, _ = run_cli(argv, capsys)  # another process, same seed: the same samples
+    assert code == 0 and json.loads(out) == samples
 
 
 def test_sample_text_output_in_process(tiny_llama_dir: pathlib.Path, capsys: pytest.CaptureFixture[str],
