@@ -119,39 +119,38 @@ def _select_largest_gains(gains: MixtureGains, counts: np.ndarray, limits: np.nd
     """Greedy for non-increasing Δ rows, vectorised: the ``remaining`` largest Δ_i[j], j in [floor_i, cap_i).
 
     With every row non-increasing, popping a heap keyed (-Δ, j, i) visits entries in the global sorted
-    order of that key, so one lexsort gives the heap's answer. Rows are computed to a common length;
-    a row whose pick reaches its computed end (and not its cap) may have more to give: extend only
-    those rows and select again (the others' later entries rank below what they already lost to).
+    order of that key, so one lexsort gives the heap's answer. Rows start at a common length; a row
+    whose pick reaches the end of what is known (and not its cap) may have more to give: extend only
+    those rows and select again. Every other row can only lose picks from then on, so only its
+    chosen entries stay candidates.
     """
     num_prompts = counts.size
     length = int(min(limits.max(), max(16, 2 * -(-remaining // num_prompts) + int(counts.max()) + 1)))
-    table = gains.block(np.arange(num_prompts), 0, length)  # (K, L)
+    known = list(gains.block(np.arange(num_prompts), 0, length))  # Δ_i[0 : len(known[i])]
     computed = np.full(num_prompts, length)
+    upper = np.minimum(limits, computed)  # candidates: counts_i <= j < upper_i
+    prompt_ids = np.arange(num_prompts)
     while True:
-        j = np.arange(table.shape[1])
-        valid = (j[None, :] >= counts[:, None]) & (j[None, :] < np.minimum(limits, computed)[:, None])
-        rows, cols = np.nonzero(valid)
-        order = np.lexsort((rows, cols, -table[rows, cols]))[:remaining]
+        sizes = np.maximum(upper - counts, 0)
+        values = np.concatenate([known[i][counts[i] : upper[i]] for i in range(num_prompts)])
+        rows = np.repeat(prompt_ids, sizes)
+        cols = np.arange(values.size) - np.repeat(np.cumsum(sizes) - sizes, sizes) + counts[rows]
+        order = np.lexsort((rows, cols, -values))[:remaining]
         chosen = counts + np.bincount(rows[order], minlength=num_prompts)
         saturated = np.flatnonzero((chosen >= computed) & (chosen < limits))
         if saturated.size == 0:
             return chosen
-        stop = int(min(limits.max(), 2 * table.shape[1]))
-        table = np.concatenate([table, np.full((num_prompts, stop - table.shape[1]), -np.inf)], axis=1)
+        upper = np.minimum(upper, chosen)
+        stop = int(min(limits.max(), int(counts.max()) + remaining, 4 * int(computed.max())))
         for start in np.unique(computed[saturated]):
             extend = saturated[computed[saturated] == start]
-            table[extend, start:stop] = gains.block(extend, int(start), stop)
+            for i, row in zip(extend, gains.block(extend, int(start), stop)):
+                known[i] = np.concatenate([known[i], row])
         computed[saturated] = stop
+        upper[saturated] = np.minimum(limits[saturated], stop)
 
 
 # ---------------------------------------------------------------- per-method value models
-
-
-def _check_rewards(explore: Sequence[np.ndarray]) -> None:
-    for i, rewards in enumerate(explore):
-        if rewards.size and not np.all(np.isfinite(rewards)):
-            raise ValueError(f"explore rewards of prompt {i} contain NaN or inf: "
-                             "the reward model must return finite numbers")
 
 
 class WindowStats:
@@ -165,7 +164,12 @@ class WindowStats:
         self.values = np.zeros((len(explore), width))
         for i, r in enumerate(explore):
             self.values[i, : r.size] = r
+        if not np.all(np.isfinite(self.values)):
+            bad = int(np.flatnonzero(~np.all(np.isfinite(self.values), axis=1))[0])
+            raise ValueError(f"explore rewards of prompt {bad} contain NaN or inf: "
+                             "the reward model must return finite numbers")
         self.pooled = self.values[self.mask] if self.mask.any() else np.zeros(1)
+        self.is_bernoulli = bool(self.mask.any()) and bool(np.all((self.pooled == 0.0) | (self.pooled == 1.0)))
         pooled_std = float(self.pooled.std())
         self.bandwidth_floor = max(RELATIVE_BANDWIDTH_FLOOR * pooled_std, ABSOLUTE_BANDWIDTH_FLOOR)
         counts = np.maximum(self.sizes, 1)
@@ -231,8 +235,8 @@ def _shape_cdf(residuals: np.ndarray) -> tuple[Callable[[np.ndarray], np.ndarray
 
 def _eb_gains(stats: WindowStats) -> GainFn:
     explore = stats.explore
-    if is_bernoulli(explore):
-        successes = np.array([r.sum() for r in explore], dtype=np.float64)
+    if stats.is_bernoulli:
+        successes = np.where(stats.mask, stats.values, 0.0).sum(axis=1)
         trials = stats.sizes.astype(np.float64)
         alpha0, beta0 = _beta_prior(successes, trials)
         return BernoulliGains(alpha0 + successes, beta0 + trials - successes, successes > 0)
@@ -261,11 +265,10 @@ def _eb_gains(stats: WindowStats) -> GainFn:
     return MixtureGains.from_shape(shape_cdf, shape_upper, means, scale, stats.best)
 
 
-def build_gains(explore: Sequence[np.ndarray], method: str, rng: np.random.Generator) -> GainFn:
+def build_gains(stats: WindowStats, method: str, rng: np.random.Generator) -> GainFn:
     """The marginal-gain function of an adaptive allocator (``method`` in ALLOCATORS, not uniform)."""
     if method == "adabon":
         method = DEFAULT_ALLOCATOR
-    stats = WindowStats(explore)
     if method in ("adabon-mc", "adabon-integral"):
         return _kde_gains(stats, method == "adabon-mc", rng)
     if method == "adabon-gauss":
@@ -289,7 +292,9 @@ def allocate(explore: Sequence[Sequence[float]], remaining: Sequence[int], *, me
     if cap_factor is not None and cap_factor < 1.0:
         raise ValueError(f"cap_factor must be >= 1 (a prompt may always spend its own budget), got {cap_factor}")
     rewards = [np.asarray(r, dtype=np.float64).ravel() for r in explore]
-    _check_rewards(rewards)
+    if not rewards:
+        return np.zeros(0, dtype=np.int64)
+    stats = WindowStats(rewards)  # checks the rewards are finite
     left = np.maximum(np.asarray(remaining, dtype=np.int64), 0)
     total = int(left.sum())
     if method == "uniform" or len(rewards) <= 1 or total == 0:
@@ -300,7 +305,7 @@ def allocate(explore: Sequence[Sequence[float]], remaining: Sequence[int], *, me
     if cap_factor is not None:
         sizes = np.array([r.size for r in rewards])
         caps = np.maximum(np.floor(cap_factor * (sizes + left)).astype(np.int64) - sizes, floors)
-    return greedy_allocate(build_gains(rewards, method, rng), len(rewards), total, floors=floors, caps=caps)
+    return greedy_allocate(build_gains(stats, method, rng), len(rewards), total, floors=floors, caps=caps)
 
 
 def plan_window(explore_rewards: Mapping[str, Sequence[float]], budgets: Mapping[str, int], *,

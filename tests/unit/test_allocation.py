@@ -201,3 +201,11 @@ def test_vectorised_greedy_matches_the_heap(seed: int) -> None:
         assert fast.tolist() == heap.tolist() and fast.sum() == total
     bernoulli = BernoulliGains(np.full(4, 0.5), np.array([3.0, 8.0, 20.0, 1.0]), np.array([False, False, False, True]))
     assert greedy_allocate(bernoulli, 4, 30).tolist() == greedy_allocate(lambda i, a, b: bernoulli(i, a, b), 4, 30).tolist()
+
+
+def test_empty_window_and_a_few_unsolved_prompts_among_many() -> None:
+    assert plan_window({}, {}) == {}
+    explore = {f"k{i}": [1.0] + [0.0] * 23 for i in range(250)} | {f"hard{i}": [0.0] * 24 for i in range(6)}
+    plan = plan_window(explore, dict.fromkeys(explore, 32))
+    assert sum(plan.values()) == 256 * 8
+    assert all(plan[f"hard{i}"] in (341, 342) for i in range(6))  # the whole window's budget, evenly
