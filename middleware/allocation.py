@@ -234,7 +234,6 @@ def _shape_cdf(residuals: np.ndarray) -> tuple[Callable[[np.ndarray], np.ndarray
 
 
 def _eb_gains(stats: WindowStats) -> GainFn:
-    explore = stats.explore
     if stats.is_bernoulli:
         successes = np.where(stats.mask, stats.values, 0.0).sum(axis=1)
         trials = stats.sizes.astype(np.float64)
