@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import time
 from typing import Any
 
 from middleware.bench.ingest import hardware_info as host_info
@@ -157,11 +155,10 @@ def summarize(done_s: list[float], wall_s: float, num_samples: int, num_tokens: 
 
 def format_report(report: dict[str, Any]) -> str:
     hardware = report.get("hardware", {})
-    lines = [
-        f"throughput: {report['num_prompts']} prompts x budget {report['budget']} x {report['max_new_tokens']} "
-        f"new tokens; {hardware.get('cpu_model', '?')}, {hardware.get('threads', '?')} threads, "
-        f"{hardware.get('dtype', '?')} on {hardware.get('device', '?')}",
-    ]
+    title = (f"throughput: {report['num_prompts']} prompts x budget {report['budget']} x {report['max_new_tokens']} "
+             f"new tokens; {hardware.get('cpu_model', '?')}, {hardware.get('threads', '?')} threads, "
+             f"{hardware.get('dtype', '?')} on {hardware.get('device', '?')}")
+    lines = [title]
     if "engine_over_hf" in report:
         lines.append(f"  engine / hf_loop      {report['engine_over_hf']:.2f}x samples/s")
     if "middleware_over_engine" in report:

@@ -48,12 +48,10 @@ def load_local(args: argparse.Namespace) -> LocalModels:
     threads = configure_threads(args.threads, workers_on_host=1)
     policy = load_policy(args.model, device=args.device, dtype=args.dtype)
     reward = load_reward(args.reward, device=args.device)
-    eos = policy.model.generation_config.eos_token_id
-    eos_ids = {policy.tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos])
     hardware = {**host_info(), "threads": threads, "device": str(policy.device),
                 "dtype": str(policy.dtype).removeprefix("torch."), "torch": torch.__version__,
                 "model": policy.name}
-    return LocalModels(policy, reward, frozenset(i for i in eos_ids if i is not None), hardware)
+    return LocalModels(policy, reward, frozenset(policy.eos_token_ids()), hardware)
 
 
 def count_generated_tokens(rows: Any, eos_token_ids: frozenset[int]) -> list[int]:
@@ -76,17 +74,19 @@ def hf_generate_and_score(local: LocalModels, prompt: Any, *, budget: int, max_n
 
     policy = local.policy
     tokenizer = policy.tokenizer
-    inputs = tokenizer(policy.render(prompt), return_tensors="pt").to(policy.device)
+    # the same token ids the engine feeds (chat template, no extra BOS): only the decoding differs
+    input_ids = torch.tensor([policy.encode(prompt)], device=policy.device)  # (1, T_prompt)
     torch.manual_seed(seed)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
         "do_sample": False}
     with torch.inference_mode():
         output = policy.model.generate(
-            **inputs, max_new_tokens=max_new_tokens, num_return_sequences=budget,
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+            num_return_sequences=budget, eos_token_id=sorted(local.eos_token_ids),
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
             **sampling,
-        )
-    generated = output[:, inputs["input_ids"].shape[1]:]  # (N, T_new)
+        )  # (N, T_prompt + T_new)
+    generated = output[:, input_ids.shape[1]:]  # (N, T_new)
     texts = tokenizer.batch_decode(generated, skip_special_tokens=True)
     rewards = local.reward.score([prompt] * budget, texts)
     return rewards, count_generated_tokens(generated, local.eos_token_ids)
@@ -146,12 +146,12 @@ def run_middleware(prompts: list[Any], args: argparse.Namespace, *, threads: int
     import anyio
 
     namespace = f"alignq-bench-throughput-{os.getpid()}"
-    with redis_for_bench(args.redis_url) as redis_url, service_processes(
-        redis_url, namespace, args, threads_per_worker=max(1, threads // args.workers)
-    ) as processes:
+    with redis_for_bench(args.redis_url) as redis_url:
         try:
-            return anyio.run(_measure_middleware, redis_url, namespace, prompts, args, processes)
-        finally:
+            with service_processes(redis_url, namespace, args,
+                                   threads_per_worker=max(1, threads // args.workers)) as processes:
+                return anyio.run(_measure_middleware, redis_url, namespace, prompts, args, processes)
+        finally:  # after the services stopped: they write heartbeats and telemetry until then
             anyio.run(_delete_namespace_keys, redis_url, namespace)
 
 

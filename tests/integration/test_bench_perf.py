@@ -80,3 +80,35 @@ def test_ingest_rejects_bad_counts(capsys: pytest.CaptureFixture[str]) -> None:
 def test_throughput_rejects_unknown_mode(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(["bench", "throughput", "--modes", "hf_loop,warp"], capsys)
     assert code == 2 and "--modes" in err
+
+@pytest.mark.timeout(280)
+def test_throughput_three_ways_on_tiny_models(
+    redis_url: str, tiny_llama_dir: pathlib.Path, tiny_reward_dir: pathlib.Path, tmp_path: pathlib.Path,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ALIGNQ_HEARTBEAT_MS", "200")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Say hi."}\n{"prompt": "Name a colour."}\nCount to three.\n', encoding="utf-8")
+    plot = tmp_path / "throughput.png"
+    code, out, err = run_cli(["bench", "throughput", "--prompts", str(prompts), "--budget", "3",
+                              "--max-new-tokens", "4", "--threads", "1", "--dtype", "float32", "--device", "cpu",
+                              "--model", str(tiny_llama_dir), "--reward", f"hf:{tiny_reward_dir}",
+                              "--redis-url", redis_url, "--timeout-s", "200", "--json", "--plot", str(plot)], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    for mode in ("hf_loop", "engine", "middleware"):
+        row = report[mode]
+        assert row["num_samples"] == 3 * 3, mode  # every prompt got its whole budget
+        assert 3 * 3 <= row["num_tokens"] <= 3 * 3 * 4, mode  # 1..max_new_tokens tokens per sample
+        assert row["samples_per_s"] > 0 and row["tokens_per_s"] > 0
+        assert 0 < row["p50_s"] <= row["p95_s"] <= row["wall_s"] * 1.001
+    assert report["engine_over_hf"] == pytest.approx(report["engine"]["samples_per_s"] / report["hf_loop"]["samples_per_s"])
+    assert report["middleware_over_engine"] > 0
+    hardware = report["hardware"]
+    assert hardware["threads"] == 1 and hardware["dtype"] == "float32" and hardware["device"] == "cpu"
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    connection = redis.Redis.from_url(redis_url)
+    try:
+        assert connection.dbsize() == 0, "the benchmark left keys behind"
+    finally:
+        connection.close()
