@@ -251,7 +251,8 @@ async def _submit_all(client: Any, requests: list[AlignRequest]) -> list[str]:
     from middleware.client import Overloaded
 
     submitted: list[str] = []
-    remaining = list(requests)
+    # Stamped now, not when the file was read: queue time and deadlines start at submission.
+    remaining = [request.model_copy(update={"submitted_at_ms": now_ms()}) for request in requests]
     while remaining:
         try:
             submitted.extend(await client.submit_many(remaining))
