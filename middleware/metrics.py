@@ -16,9 +16,9 @@ process would see only its share. The mechanism:
 4. ``ALIGNQ_METRICS_PORT``: a process that sets it also serves its own totals (this process only) on
    that port (``maybe_start_process_exporter``).
 
-Workers never import ``middleware``; their numbers (samples, tokens, generate and score seconds, AISP
-effective sample size in ``SampleSet.stats["ess"]``) reach the telemetry through the scheduler's
-``record_sample_set``. Worker-side time is recorded when the reply arrives.
+Workers never import ``middleware``; their numbers (samples, tokens, generate and score seconds,
+AISP effective sample size per iteration in ``SampleSet.stats["aisp_ess"]``) reach the telemetry
+through the scheduler's ``record_sample_set``. Worker-side time is recorded when the reply arrives.
 
 Hash fields are JSON ``[name, {label: value}, part]`` with part ``""`` (counter), ``"sum"``,
 ``"count"``, or ``"le=<bound>"`` (a non-cumulative histogram bucket). Label values are small fixed
@@ -176,7 +176,7 @@ class Telemetry:
         self.increment("alignq_score_seconds_total", sample_set.score_s)
         if sample_set.error is not None:
             self.increment("alignq_job_errors_total", code=sample_set.error.code.value)
-        ess = sample_set.stats.get("ess")
+        ess = sample_set.stats.get("aisp_ess", sample_set.stats.get("ess"))  # workers write aisp_ess
         for value in ess if isinstance(ess, list) else [] if ess is None else [ess]:
             self.observe("alignq_aisp_ess", float(value))
 

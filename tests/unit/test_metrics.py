@@ -56,7 +56,7 @@ def test_records_render_as_prometheus_text() -> None:
                                         error=ErrorInfo(code=ErrorCode.DEADLINE_EXCEEDED, message="late"), total_s=9))
     telemetry.record_sample_set(SampleSet(job_id="j", request_id="r1", worker_id="w", kind=JobKind.AISP,
                                           samples=[Sample(index=0, text="x", reward=1, num_tokens=10)] * 2,
-                                          generate_s=3.0, score_s=1.0, stats={"ess": [4.0, 2.0]}))
+                                          generate_s=3.0, score_s=1.0, stats={"aisp_ess": [4.0, 2.0]}))
     values = parse(render_families(families_from_fields(telemetry.totals)))
 
     assert values[("alignq_requests_total", (("method", "bon"), ("status", "ok")))] == 1
