@@ -38,6 +38,13 @@ class WorkerSettings(BaseSettings):
     claim_idle_ms: int = Field(default=15_000, ge=100, description="Reclaim jobs idle this long (ms) from dead workers")
     heartbeat_ms: int = Field(default=2_000, ge=50, description="Heartbeat and lease-renewal period (ms)")
     max_deliveries: int = Field(default=3, ge=1, description="Deliveries of a job before it is dead-lettered")
+    max_batch_samples: int = Field(
+        default=0, ge=0, description="Max samples (rows) of the jobs packed into one batch (0: 4 × max_batch)"
+    )
+    shutdown_grace_s: float = Field(default=30.0, ge=0, description="On SIGTERM, time (s) to finish the batch in flight")
+    worker_id: str | None = Field(
+        default=None, description="Consumer name in the workers group (none: host-pid-random); stable ids resume own jobs"
+    )
     aisp_num_rollouts: int = Field(default=8, ge=1, description="AISP rollouts per iteration (n)")
     aisp_sigma: float = Field(default=0.2, gt=0, description="AISP perturbation scale, relative to the mean pre-logit norm")
     aisp_lam: float = Field(default=0.3, gt=0, description="AISP softmax temperature λ on (standardised) rewards")

@@ -1,0 +1,190 @@
+"""Jobs to model calls and back: batch packing, Job -> engine/AISP request, result -> SampleSet.
+
+Boundary: synchronous and Redis-free. ``take_batch`` is pure; ``BatchRunner.run`` is what the worker
+service calls in a worker thread (model work never runs on the event loop). Every job handed to
+``BatchRunner.run`` gets exactly one SampleSet back, an error one if anything fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from schemas import AispParams, ErrorCode, ErrorInfo, Job, JobKind, Sample, SampleSet, SchemaError, decode_raw
+from workers.engine import Engine, GenerationRequest, GenerationResult
+
+__all__ = ["BatchRunner", "HeldJob", "aisp_config", "error_sample_set", "expired_reply", "salvage_error_reply", "take_batch",
+           "to_generation_request"]
+
+logger = logging.getLogger(__name__)
+
+MAX_ERROR_CHARS = 4000  # ErrorInfo.message limit
+
+
+@dataclass(slots=True)
+class HeldJob:
+    """A decoded job this worker holds (pending to it in the group) but has not answered yet."""
+
+    entry_id: str  # stream entry id in keys.jobs
+    job: Job
+    delivery_count: int = 1  # times delivered, this time included
+
+
+def job_rows(job: Job) -> int:
+    """Samples (rows) a job decodes in total: its budget for AISP too (n per iteration, k iterations)."""
+    return job.num_samples
+
+
+def take_batch(queue: list[HeldJob], *, max_jobs: int, max_samples: int) -> list[HeldJob]:
+    """Remove and return the jobs of the next batch: the oldest job always, then, in order, every job
+    that still fits ``max_jobs`` and ``max_samples`` (a later small job may pass a large one, but the
+    large one heads the next batch, so nothing starves)."""
+    batch: list[HeldJob] = []
+    rest: list[HeldJob] = []
+    used = 0
+    for held in queue:
+        rows = job_rows(held.job)
+        if not batch or (len(batch) < max_jobs and used + rows <= max_samples):
+            batch.append(held)
+            used += rows
+        else:
+            rest.append(held)
+    queue[:] = rest
+    return batch
+
+
+def error_sample_set(job: Job, worker_id: str, code: ErrorCode, message: str) -> SampleSet:
+    return SampleSet(job_id=job.job_id, request_id=job.request_id, worker_id=worker_id, kind=job.kind,
+                     error=ErrorInfo(code=code, message=message[:MAX_ERROR_CHARS]))
+
+
+def expired_reply(job: Job, worker_id: str, now_ms: int) -> SampleSet:
+    late_ms = now_ms - (job.deadline_at_ms or now_ms)
+    return error_sample_set(job, worker_id, ErrorCode.DEADLINE_EXCEEDED,
+                            f"job deadline passed {late_ms} ms before it could start; not generated")
+
+
+def salvage_error_reply(payload: bytes | None, worker_id: str, error: Exception) -> tuple[str, SampleSet] | None:
+    """(scheduler_id, error SampleSet) for a job that failed validation but still names its scheduler,
+    request, job id and kind, so its scheduler hears of it; None when nothing is identifiable."""
+    try:
+        raw = decode_raw(payload or b"")
+        reply = SampleSet(job_id=str(raw["job_id"]), request_id=raw["request_id"], worker_id=worker_id,
+                          kind=JobKind(raw["kind"]),
+                          error=ErrorInfo(code=ErrorCode.INTERNAL, message=f"job rejected by worker: {error}"[:4000]))
+        return str(raw["scheduler_id"]), reply
+    except (SchemaError, KeyError, TypeError, ValueError):  # pydantic's ValidationError is a ValueError
+        return None
+
+
+def _prompt(job: Job) -> str | list[dict]:
+    return job.prompt if isinstance(job.prompt, str) else [m.model_dump() for m in job.prompt]
+
+
+def to_generation_request(job: Job) -> GenerationRequest:
+    return GenerationRequest(key=job.job_id, prompt=_prompt(job), num_samples=job.num_samples,
+                             max_new_tokens=job.max_new_tokens, temperature=job.temperature, top_p=job.top_p,
+                             seed=job.seed, sample_offset=job.sample_offset, metadata=dict(job.metadata))
+
+
+def aisp_config(defaults: Any, params: AispParams | None) -> Any:
+    """The worker's AispConfig with a job's non-None overrides on top."""
+    if params is None:
+        return defaults
+    overrides = {name: getattr(params, name) for name in
+                 ("num_rollouts", "num_iterations", "sigma", "lam", "alpha", "horizon_tokens")
+                 if getattr(params, name) is not None}
+    return dataclasses.replace(defaults, **overrides)
+
+
+def _samples(offset: int, generated: Sequence[Any]) -> list[Sample]:
+    return [Sample(index=offset + s.index, text=s.text, reward=float(s.reward),
+                   num_tokens=s.num_tokens, is_finished=s.is_finished) for s in generated]
+
+
+def sample_set_from_generation(job: Job, result: GenerationResult, worker_id: str) -> SampleSet:
+    if result.error is not None:  # rewards are NaN: no sample of this job is usable
+        return SampleSet(job_id=job.job_id, request_id=job.request_id, worker_id=worker_id, kind=job.kind,
+                         generate_s=result.generate_s, score_s=result.score_s,
+                         error=ErrorInfo(code=ErrorCode.REWARD_FAILED, message=result.error[:MAX_ERROR_CHARS]))
+    # the engine already numbers samples sample_offset + i
+    return SampleSet(job_id=job.job_id, request_id=job.request_id, worker_id=worker_id, kind=job.kind,
+                     samples=_samples(0, result.samples), generate_s=result.generate_s, score_s=result.score_s)
+
+
+def sample_set_from_aisp(job: Job, result: Any, worker_id: str) -> SampleSet:
+    """AISP rollouts are numbered iteration * n + i; shifted by the job's sample_offset. A reward
+    failure keeps the iterations scored before it (their rewards are finite) and reports the error."""
+    stats: dict[str, float | int | list[float]] = {
+        "aisp_ess": list(result.ess), "aisp_iteration_mean": list(result.iteration_mean),
+        "aisp_iteration_best": list(result.iteration_best), "aisp_num_iterations": len(result.ess)}
+    error = None if result.error is None else ErrorInfo(code=ErrorCode.REWARD_FAILED,
+                                                        message=result.error[:MAX_ERROR_CHARS])
+    return SampleSet(job_id=job.job_id, request_id=job.request_id, worker_id=worker_id, kind=job.kind,
+                     samples=_samples(job.sample_offset, result.samples), generate_s=result.generate_s,
+                     score_s=result.score_s, error=error, stats=stats)
+
+
+class BatchRunner:
+    """Runs batches of jobs on one loaded policy and reward model. Call from one thread at a time."""
+
+    def __init__(self, policy: Any, reward: Any, *, worker_id: str, max_batch: int, aisp_defaults: Any = None) -> None:
+        self.policy = policy
+        self.reward = reward
+        self.worker_id = worker_id
+        self.max_batch = max_batch
+        self.engine = Engine(policy, reward, max_batch=max_batch)
+        self.aisp_defaults = aisp_defaults
+        self.num_engine_calls = 0  # Engine.run calls: jobs per call shows how well jobs were packed
+        self.num_aisp_calls = 0
+
+    def run(self, jobs: Sequence[Job]) -> list[SampleSet]:
+        """One SampleSet per job, in order. An unexpected failure of the batch is retried job by job,
+        so one bad job cannot fail the others; a job that fails alone gets an ``internal`` error."""
+        try:
+            return self._run(jobs)
+        except Exception as e:  # never lose a job: every job gets an answer below
+            if len(jobs) == 1:
+                logger.exception("job failed job_id=%s", jobs[0].job_id)
+                return [error_sample_set(jobs[0], self.worker_id, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")]
+            logger.exception("batch of %d jobs failed; retrying them one by one", len(jobs))
+        return [self.run([job])[0] for job in jobs]
+
+    def _run(self, jobs: Sequence[Job]) -> list[SampleSet]:
+        replies: list[SampleSet | None] = [None] * len(jobs)
+        engine_at = [i for i, job in enumerate(jobs) if job.kind != JobKind.AISP]
+        aisp_at = [i for i, job in enumerate(jobs) if job.kind == JobKind.AISP]
+        if engine_at:
+            started = time.perf_counter()
+            results = self.engine.run([to_generation_request(jobs[i]) for i in engine_at])
+            self.num_engine_calls += 1
+            logger.info("engine batch jobs=%d samples=%d run_s=%.2f", len(engine_at),
+                        sum(jobs[i].num_samples for i in engine_at), time.perf_counter() - started)
+            for i, result in zip(engine_at, results):
+                replies[i] = sample_set_from_generation(jobs[i], result, self.worker_id)
+        if aisp_at:
+            for i, reply in zip(aisp_at, self._run_aisp([jobs[i] for i in aisp_at])):
+                replies[i] = reply
+        assert all(r is not None for r in replies)
+        return replies  # type: ignore[return-value]
+
+    def _run_aisp(self, jobs: Sequence[Job]) -> list[SampleSet]:
+        try:
+            from workers.aisp import AispRequest, run_aisp
+        except ImportError as e:  # an install without AISP still answers every job
+            return [error_sample_set(job, self.worker_id, ErrorCode.INTERNAL, f"AISP is not available: {e}")
+                    for job in jobs]
+        requests = [AispRequest(key=job.job_id, prompt=_prompt(job), budget=job.num_samples,
+                                max_new_tokens=job.max_new_tokens, seed=job.seed, metadata=dict(job.metadata),
+                                config=aisp_config(self.aisp_defaults, job.aisp)) for job in jobs]
+        started = time.perf_counter()
+        results = run_aisp(self.policy, self.reward, requests, self.aisp_defaults, max_batch=self.max_batch)
+        self.num_aisp_calls += 1
+        logger.info("aisp batch jobs=%d run_s=%.2f", len(jobs), time.perf_counter() - started)
+        if len(results) != len(jobs):
+            raise RuntimeError(f"run_aisp returned {len(results)} results for {len(jobs)} requests")
+        return [sample_set_from_aisp(job, result, self.worker_id) for job, result in zip(jobs, results)]

@@ -1,0 +1,473 @@
+"""The worker service: jobs in from Redis, batched through the engine (or AISP), sample sets out.
+
+One task group owns every loop:
+
+    intake      XREADGROUP keys.jobs (group "workers"; own pending first), a bounded block, then
+                non-blocking reads while there is room, so a burst of jobs becomes one batch
+    runner      take_batch -> BatchRunner.run in a worker thread -> publish + XACK (shielded)
+    heartbeat   SET keys.heartbeat("worker", id) PX 3×heartbeat; XCLAIM what we hold (the lease);
+                re-split the host's cores when workers come and go (num_threads 0)
+    reclaim     XAUTOCLAIM jobs idle > claim_idle_ms (their worker died), dead-letter past max_deliveries
+
+The worker holds at most ``max_batch_jobs`` queued jobs beside the batch in flight, so jobs it cannot
+start soon stay in the stream for other workers. Bad input never stops it: an undecodable job is
+dead-lettered, an expired one answered ``deadline_exceeded`` without generating, a failing batch
+answered job by job.
+
+Shutdown (``stop`` set, e.g. by SIGTERM): intake and reclaim stop; the batch in flight gets
+``shutdown_grace_s`` to finish and publish; queued jobs are handed back (made stale at once, so a
+live worker's XAUTOCLAIM takes them); the final publish + XACK is one shielded transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+import anyio
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from schemas import (
+    ErrorCode,
+    Job,
+    Keys,
+    SampleSet,
+    SchemaError,
+    decode,
+    now_ms,
+)
+from workers.consumer import JobConsumer, StreamEntry, count_workers_on_host, dead_letter, publish_replies
+from workers.jobs import (
+    BatchRunner,
+    HeldJob,
+    error_sample_set,
+    expired_reply,
+    salvage_error_reply,
+    take_batch,
+)
+from workers.settings import WorkerSettings
+
+__all__ = ["Worker", "WorkerStats", "run_worker", "serve_worker"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+SOCKET_TIMEOUT_S = 10.0  # every Redis call is bounded; blocking reads use far less
+READ_BLOCK_MS = 500
+MAX_BACKOFF_S = 5.0
+PUBLISH_GIVE_UP_S = 30.0  # after the grace period, a shielded publish stops retrying (the jobs stay for reclaim)
+THREAD_CHECK_S = 5.0  # how often an auto-threaded worker recounts the workers on its host
+LOADING_TTL_MS = 120_000  # a worker still loading its models counts towards its host's workers this long
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    num_jobs_done: int = 0  # answered with samples or an error, acked
+    num_samples: int = 0
+    num_batches: int = 0
+    max_batch_jobs: int = 0  # most jobs packed into one batch so far
+    num_expired: int = 0
+    num_dead_letters: int = 0
+    num_reclaimed: int = 0  # entries taken over from dead workers
+    num_handed_back: int = 0
+
+
+class Worker:
+    """One worker process's service: loads its models once, then serves until ``stop``."""
+
+    def __init__(self, settings: WorkerSettings, *, redis: Any = None, worker_id: str | None = None) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self.hostname = socket.gethostname()
+        self.worker_id = worker_id or settings.worker_id or f"{self.hostname}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._owns_redis = redis is None
+        self.redis = redis or aioredis.Redis.from_url(settings.redis_url, socket_timeout=SOCKET_TIMEOUT_S,
+                                                      socket_connect_timeout=SOCKET_TIMEOUT_S)
+        self.consumer = JobConsumer(self.redis, self.keys, self.worker_id)
+        self.runner: BatchRunner | None = None
+        self.stats = WorkerStats()
+        self.queue: list[HeldJob] = []  # held, not started
+        self.in_flight: list[HeldJob] = []  # the batch the model is working on
+        self.max_batch_samples = settings.max_batch_samples or 4 * settings.max_batch
+        self.num_threads = 0  # torch threads wanted; applied in the model thread before each batch
+        self._queue_changed = anyio.Event()
+        self._stopping = False
+        self._give_up_publish_at = math.inf
+        self._is_batch_abandoned = False
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def run(self, *, stop: anyio.Event, ready: anyio.Event | None = None) -> None:
+        """Load the models, then serve until ``stop``; drain for up to ``shutdown_grace_s``."""
+        try:
+            await self._retry("create group", self.consumer.ensure_group)
+            await self._load_models()
+            await self._retry("heartbeat", self._beat)
+            logger.info("worker ready worker_id=%s threads=%d max_batch_jobs=%d max_batch_samples=%d",
+                        self.worker_id, self.num_threads, self.settings.max_batch_jobs, self.max_batch_samples)
+            if ready is not None:
+                ready.set()
+            runner_done = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._heartbeat_loop)
+                tg.start_soon(self._intake_loop)
+                tg.start_soon(self._reclaim_loop)
+                tg.start_soon(self._runner_loop, runner_done)
+                await stop.wait()
+                self._stopping = True
+                self._give_up_publish_at = anyio.current_time() + self.settings.shutdown_grace_s + PUBLISH_GIVE_UP_S
+                self._notify()
+                logger.info("stopping worker_id=%s in_flight=%d queued=%d grace_s=%.1f", self.worker_id,
+                            len(self.in_flight), len(self.queue), self.settings.shutdown_grace_s)
+                with anyio.move_on_after(self.settings.shutdown_grace_s):
+                    await runner_done.wait()
+                if not runner_done.is_set():
+                    self._is_batch_abandoned = True
+                    logger.warning("grace period over: abandoning the batch in flight jobs=%d (left for reclaim)",
+                                   len(self.in_flight))
+                await self._hand_back()
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
+                try:
+                    await self.redis.delete(self.keys.heartbeat("worker", self.worker_id),
+                                            self.keys.heartbeat("worker-loading", self.worker_id))
+                except REDIS_ERRORS:
+                    pass
+                if self._owns_redis:
+                    await self.redis.aclose()
+        logger.info("worker stopped worker_id=%s jobs_done=%d batches=%d", self.worker_id,
+                    self.stats.num_jobs_done, self.stats.num_batches)
+
+    async def _load_models(self) -> None:
+        """configure_threads first (a fair share of this host's cores), then policy and reward, once."""
+        from workers.models import configure_threads
+
+        loading_key = self.keys.heartbeat("worker-loading", self.worker_id)
+        await self._retry("register", lambda: self.redis.set(loading_key, self._heartbeat_value(), px=LOADING_TTL_MS))
+        self.num_threads = configure_threads(self.settings.num_threads, await self._workers_on_host())
+        started = time.perf_counter()
+        self.runner = await anyio.to_thread.run_sync(self._build_runner)
+        logger.info("models loaded worker_id=%s load_s=%.1f threads=%d", self.worker_id,
+                    time.perf_counter() - started, self.num_threads)
+        await self._retry("register", lambda: self.redis.delete(loading_key))
+
+    def _build_runner(self) -> BatchRunner:
+        from workers.models import load_policy, load_reward
+
+        s = self.settings
+        policy = load_policy(s.model, device=s.device, dtype=s.dtype, cache_dir=s.cache_dir)
+        reward = load_reward(s.reward_model, device=s.device, positive=s.reward_positive, negative=s.reward_negative)
+        try:
+            from workers.aisp import AispConfig
+
+            aisp_defaults = AispConfig(num_rollouts=s.aisp_num_rollouts, sigma=s.aisp_sigma, lam=s.aisp_lam,
+                                       alpha=s.aisp_alpha)
+        except ImportError:  # aisp jobs then get an error reply
+            aisp_defaults = None
+        return BatchRunner(policy, reward, worker_id=self.worker_id, max_batch=s.max_batch,
+                           aisp_defaults=aisp_defaults)
+
+    async def _workers_on_host(self) -> int:
+        return await count_workers_on_host(self.redis, self.keys, self.hostname, self.worker_id)
+
+    # -- loops ------------------------------------------------------------------------------------
+    async def _intake_loop(self) -> None:
+        while not self._stopping:
+            room = self._room()
+            if room <= 0:
+                await self._wait_queue_change(READ_BLOCK_MS / 1000)
+                continue
+            entries = await self._retry("read jobs", lambda room=room: self.consumer.read(
+                count=room, block_ms=READ_BLOCK_MS))
+            while entries and len(entries) < room:  # a burst: take what is already waiting, without blocking
+                missing = room - len(entries)
+                more = await self._retry("read jobs", lambda n=missing: self.consumer.read(count=n, block_ms=None))
+                if not more:
+                    break
+                entries += more
+            if entries:
+                await self._admit(entries)
+
+    async def _reclaim_loop(self) -> None:
+        interval_s = max(0.05, self.settings.claim_idle_ms / 2000)
+        while not self._stopping:
+            await anyio.sleep(interval_s)
+            room = self._room()
+            if room <= 0 or self._stopping:
+                continue
+            # XAUTOCLAIM would take our own entries too if they looked idle: freshen them first
+            await self._retry("renew leases", self._renew_leases)
+            entries = await self._retry("reclaim jobs", lambda room=room: self.consumer.claim_stale(
+                min_idle_ms=self.settings.claim_idle_ms, count=room))
+            if entries:
+                self.stats.num_reclaimed += len(entries)
+                logger.info("reclaimed %d jobs from dead workers worker_id=%s", len(entries), self.worker_id)
+                await self._admit(entries)
+
+    async def _runner_loop(self, done: anyio.Event) -> None:
+        try:
+            while not self._stopping:
+                if not self.queue:
+                    await self._wait_queue_change(READ_BLOCK_MS / 1000)
+                    continue
+                batch = take_batch(self.queue, max_jobs=self.settings.max_batch_jobs,
+                                   max_samples=self.max_batch_samples)
+                self._notify()  # room for intake
+                batch = await self._answer_expired(batch)
+                if batch:
+                    await self._run_batch(batch)
+        finally:
+            done.set()
+
+    async def _run_batch(self, batch: list[HeldJob]) -> None:
+        self.in_flight = batch
+        try:
+            jobs = [held.job for held in batch]
+            replies = await anyio.to_thread.run_sync(self._run_in_thread, jobs, abandon_on_cancel=True)
+            self.stats.num_batches += 1
+            self.stats.max_batch_jobs = max(self.stats.max_batch_jobs, len(jobs))
+            if await self._publish([(h.entry_id, h.job, r) for h, r in zip(batch, replies)]):
+                self.stats.num_samples += sum(len(r.samples) for r in replies)
+        finally:
+            self.in_flight = []
+
+    def _run_in_thread(self, jobs: list[Job]) -> list[SampleSet]:
+        import torch
+
+        assert self.runner is not None
+        if self.num_threads and torch.get_num_threads() != self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        return self.runner.run(jobs)
+
+    async def _heartbeat_loop(self) -> None:
+        interval_s = self.settings.heartbeat_ms / 1000
+        next_thread_check = anyio.current_time() + THREAD_CHECK_S
+        while True:
+            await anyio.sleep(interval_s)
+            try:
+                await self._beat()
+                if self.settings.num_threads == 0 and anyio.current_time() >= next_thread_check:
+                    next_thread_check = anyio.current_time() + THREAD_CHECK_S
+                    await self._rebalance_threads()
+            except REDIS_ERRORS as e:
+                logger.warning("heartbeat failed worker_id=%s: %s", self.worker_id, e)
+
+    # -- steps ------------------------------------------------------------------------------------
+    async def _admit(self, entries: list[StreamEntry]) -> None:
+        """Decode and check entries; queue the runnable ones, answer or dead-letter the rest."""
+        held_ids = {h.entry_id for h in self.queue} | {h.entry_id for h in self.in_flight}
+        entries = [e for e in entries if e.entry_id not in held_ids]
+        redelivered = [e.entry_id for e in entries if e.is_redelivery]
+        counts = await self._retry("delivery counts", lambda: self.consumer.delivery_counts(redelivered))
+        now = now_ms()
+        admitted = 0
+        expired: list[tuple[str, Job, SampleSet]] = []
+        for entry in entries:
+            if entry.is_redelivery and entry.entry_id not in counts:
+                continue  # acked meanwhile (its first worker finished after all)
+            delivery_count = counts.get(entry.entry_id, 1)
+            payload = entry.payload
+            try:
+                if payload is None:
+                    raise SchemaError(f"entry has no {b'm'!r} field")
+                job = decode(Job, payload)
+            except SchemaError as e:
+                await self._dead_letter(entry, f"undecodable job: {e}", payload, reply=salvage_error_reply(payload, self.worker_id, e))
+                continue
+            if delivery_count > self.settings.max_deliveries:
+                reason = f"delivered {delivery_count} times (max_deliveries={self.settings.max_deliveries})"
+                reply = error_sample_set(job, self.worker_id, ErrorCode.DELIVERY_EXHAUSTED,
+                                         f"job {reason}: its workers kept dying or stalling")
+                await self._dead_letter(entry, reason, payload, request_id=job.request_id,
+                                        reply=(job.scheduler_id, reply))
+                continue
+            if job.deadline_at_ms is not None and job.deadline_at_ms <= now:
+                expired.append((entry.entry_id, job, expired_reply(job, self.worker_id, now)))
+                continue
+            self.queue.append(HeldJob(entry.entry_id, job, delivery_count))
+            admitted += 1
+        if expired:
+            self.stats.num_expired += len(expired)
+            logger.info("dropped %d expired jobs before generation worker_id=%s", len(expired), self.worker_id)
+            await self._publish(expired)
+        if admitted:
+            self._notify()
+
+    async def _answer_expired(self, batch: list[HeldJob]) -> list[HeldJob]:
+        """Jobs whose deadline passed while queued are answered now, not generated."""
+        now = now_ms()
+        expired = [h for h in batch if h.job.deadline_at_ms is not None and h.job.deadline_at_ms <= now]
+        if not expired:
+            return batch
+        self.stats.num_expired += len(expired)
+        logger.info("dropped %d expired jobs before generation worker_id=%s", len(expired), self.worker_id)
+        await self._publish([(h.entry_id, h.job, expired_reply(h.job, self.worker_id, now)) for h in expired])
+        return [h for h in batch if h not in expired]
+
+    async def _dead_letter(self, entry: StreamEntry, reason: str, payload: bytes | None, *,
+                           request_id: str | None = None, reply: tuple[str, SampleSet] | None = None) -> None:
+        await self._retry("dead letter", lambda: dead_letter(self.redis, self.keys, entry_id=entry.entry_id,
+                                                             reason=reason, payload=payload, request_id=request_id,
+                                                             reply=reply))
+        self.stats.num_dead_letters += 1
+
+    async def _publish(self, replies: list[tuple[str, Job, SampleSet]]) -> bool:
+        """Publish replies and XACK their jobs in one transaction; shielded from cancellation. Retries
+        while Redis is away; gives up only during shutdown, PUBLISH_GIVE_UP_S after the grace period
+        (the jobs then stay pending and another worker reclaims them)."""
+        delay_s = 0.05
+        with anyio.CancelScope(shield=True):
+            while True:
+                try:
+                    await publish_replies(self.redis, self.keys, replies)
+                    break
+                except REDIS_ERRORS as e:
+                    if anyio.current_time() > self._give_up_publish_at:
+                        logger.error("could not publish %d replies before shutdown; left for reclaim: %s",
+                                     len(replies), e)
+                        return False
+                    logger.warning("redis error while publishing, retrying in %.2f s: %s", delay_s, e)
+                    await anyio.sleep(delay_s)
+                    delay_s = min(MAX_BACKOFF_S, delay_s * 2)
+        self.stats.num_jobs_done += len(replies)
+        for _, job, reply in replies:
+            if reply.error is not None:
+                logger.info("job answered with error job_id=%s request_id=%s code=%s", job.job_id, job.request_id,
+                            reply.error.code)
+        return True
+
+    async def _beat(self) -> None:
+        ttl_ms = 3 * self.settings.heartbeat_ms
+        await self.redis.set(self.keys.heartbeat("worker", self.worker_id), self._heartbeat_value(), px=ttl_ms)
+        await self._renew_leases()
+
+    async def _renew_leases(self) -> None:
+        """XCLAIM (JUSTID) the entries we hold back to ourselves: idle 0, so no one reclaims them."""
+        queued = [h.entry_id for h in self.queue]
+        in_flight = [h.entry_id for h in self.in_flight]
+        if not queued and not in_flight:
+            return
+        try:
+            still_ours = await self.consumer.renew(queued + in_flight)
+        except ResponseError as e:  # NOGROUP: Redis lost the stream; nothing is ours any more
+            logger.warning("lease renewal failed worker_id=%s: %s", self.worker_id, e)
+            return
+        lost = set(queued) - still_ours
+        if lost:  # another worker took them (we stalled past claim_idle_ms): do not run them twice
+            self.queue[:] = [h for h in self.queue if h.entry_id not in lost]
+            logger.warning("lost the lease on %d queued jobs worker_id=%s", len(lost), self.worker_id)
+        lost_in_flight = [h.job.job_id for h in self.in_flight if h.entry_id not in still_ours]
+        if lost_in_flight:
+            logger.info("lost the lease on in-flight jobs %s (their replies are deduplicated)", lost_in_flight)
+
+    def _heartbeat_value(self) -> str:
+        return json.dumps({"worker_id": self.worker_id, "host": self.hostname, "pid": os.getpid(),
+                           "threads": self.num_threads, "queued": len(self.queue), "in_flight": len(self.in_flight),
+                           "at_ms": now_ms(), **asdict(self.stats)})
+
+    async def _rebalance_threads(self) -> None:
+        wanted = max(1, (os.cpu_count() or 1) // await self._workers_on_host())
+        if wanted != self.num_threads:
+            logger.info("workers on this host changed: torch threads %d -> %d", self.num_threads, wanted)
+            self.num_threads = wanted  # applied by the model thread before its next batch
+
+    async def _hand_back(self) -> None:
+        """Queued jobs we will not start: made stale now, so a live worker reclaims them without waiting."""
+        entry_ids = [h.entry_id for h in self.queue]
+        self.queue.clear()
+        if not entry_ids:
+            return
+        with anyio.CancelScope(shield=True), anyio.move_on_after(SOCKET_TIMEOUT_S):
+            try:
+                await self.consumer.hand_back(entry_ids, idle_ms=self.settings.claim_idle_ms)
+                self.stats.num_handed_back += len(entry_ids)
+                logger.info("handed back %d queued jobs worker_id=%s", len(entry_ids), self.worker_id)
+            except (*REDIS_ERRORS, ResponseError) as e:
+                logger.warning("could not hand back %d jobs (reclaimed after claim_idle_ms): %s", len(entry_ids), e)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _room(self) -> int:
+        return self.settings.max_batch_jobs - len(self.queue)
+
+    def _notify(self) -> None:
+        self._queue_changed.set()
+        self._queue_changed = anyio.Event()
+
+    async def _wait_queue_change(self, timeout_s: float) -> None:
+        event = self._queue_changed
+        with anyio.move_on_after(timeout_s):
+            await event.wait()
+
+    async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()`` until it succeeds, backing off on connection errors (Redis restarting)."""
+        delay_s = 0.05
+        while True:
+            try:
+                return await call()
+            except REDIS_ERRORS as e:
+                logger.warning("redis error during %s, retrying in %.2f s: %s", what, delay_s, e)
+                await anyio.sleep(delay_s)
+                delay_s = min(MAX_BACKOFF_S, delay_s * 2)
+
+
+async def serve_worker(settings: WorkerSettings, *, stop: anyio.Event | None = None,
+                       ready: anyio.Event | None = None, worker: Worker | None = None) -> Worker:
+    """Run a worker until ``stop`` (never set: until cancelled); returns it (stats)."""
+    worker = worker or Worker(settings)
+    await worker.run(stop=stop or anyio.Event(), ready=ready)
+    return worker
+
+
+async def _serve_until_signal(settings: WorkerSettings) -> Worker | Exception:
+    """The worker, or the ModelLoadError that stopped it from starting."""
+    from workers.errors import ModelLoadError
+
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_stop_on_signals, stop)
+        try:
+            outcome: Worker | Exception = await serve_worker(settings, stop=stop)
+        except ModelLoadError as e:
+            outcome = e
+        tg.cancel_scope.cancel()
+    return outcome
+
+
+async def _stop_on_signals(stop: anyio.Event) -> None:
+    """Only sets the event: the loops see it and drain."""
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            logger.info("received %s: draining", signal.Signals(signum).name)
+            stop.set()
+
+
+def run_worker(settings: WorkerSettings) -> int:
+    """Blocking entry point of ``alignq worker`` (logging configured by the caller): 0 after a clean
+    shutdown, 2 when the models cannot be loaded (the message says why)."""
+    if not settings.redis_url:
+        print("alignq worker: no Redis: set ALIGNQ_REDIS_URL or --redis-url", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    worker = anyio.run(_serve_until_signal, settings)
+    if isinstance(worker, Exception):
+        print(f"alignq worker: {worker}", file=sys.stderr)
+        return 2
+    logger.info("worker exited after %.1f s", time.monotonic() - started)
+    if worker._is_batch_abandoned:  # its model thread still runs; nothing it would publish is wanted now
+        logging.shutdown()
+        os._exit(0)
+    return 0
