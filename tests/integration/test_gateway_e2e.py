@@ -20,6 +20,8 @@ import pytest
 from gateway_support import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
+from middleware.client import Client
+
 pytestmark = pytest.mark.anyio
 ALIGNQ = str(pathlib.Path(sys.executable).with_name("alignq"))
 
@@ -83,6 +85,16 @@ async def test_end_to_end_with_real_services(redis_url: str, tiny_llama_dir: pat
                 assert stored["status"] == "ok" and stored["response"] == text  # the streamed text is the best sample
                 assert stored["samples_used"] == 4
 
+                with anyio.fail_after(120):
+                    aisp = await client.completions.create(model="alignq", prompt="Once upon a time", max_tokens=8,
+                                                           extra_body={"budget": 4, "method": "aisp"})
+                assert aisp.model_extra["alignq"]["method"] == "aisp" and aisp.model_extra["alignq"]["status"] == "ok"
+
+            async with Client(redis_url) as sdk:  # the Python SDK against the same deployment
+                with anyio.fail_after(120):
+                    kinds = [event.kind.value async for event in sdk.stream("Count to three.", budget=4, max_new_tokens=8)]
+            assert kinds == ["queued", "explored", "allocated", "done"]
+
             curl = shutil.which("curl")
             if curl is not None:
                 payload = json.dumps({"messages": [{"role": "user", "content": "curl"}], "stream": True,
@@ -98,7 +110,7 @@ async def test_end_to_end_with_real_services(redis_url: str, tiny_llama_dir: pat
             with anyio.fail_after(30):
                 while True:  # the scheduler flushes its telemetry about once a second
                     after = scrape((await http.get(f"{base_url}/metrics")).text)
-                    if total(after, "alignq_requests_total") >= total(before, "alignq_requests_total") + 3:
+                    if total(after, "alignq_requests_total") >= total(before, "alignq_requests_total") + 5:
                         break
                     await anyio.sleep(0.3)
             assert total(after, "alignq_samples_generated_total") >= 11
