@@ -198,7 +198,7 @@ async def test_result_timeout(redis_url: str) -> None:
         started = time.monotonic()
         with pytest.raises(ResultTimeout):
             await client.result(request_id, timeout_s=0.5)
-        assert 0.45 <= time.monotonic() - started < 2
+        assert 0.45 <= time.monotonic() - started < 4
 
 
 async def test_request_lost_after_flushdb(redis_url: str) -> None:
@@ -215,7 +215,7 @@ async def test_request_lost_after_flushdb(redis_url: str) -> None:
             tg.start_soon(forget)
             with pytest.raises(RequestLost):
                 await client.result(request_id, timeout_s=10)
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < 6
         with pytest.raises(RequestLost):
             await client.result("never-submitted", timeout_s=10)
 
@@ -272,7 +272,7 @@ async def test_results_as_completed_in_completion_order(redis_url: str) -> None:
         assert [r.status for r in seen[:2]] == [ResultStatus.OK, ResultStatus.OK]
         assert seen[2].error is not None and seen[2].error.code == ErrorCode.LOST
         assert seen[3].error is not None and seen[3].error.code == ErrorCode.DEADLINE_EXCEEDED
-        assert 1.4 < time.monotonic() - started < 3
+        assert 1.4 < time.monotonic() - started < 6
 
 
 async def test_events_or_idle_yields_none_between_events(redis_url: str) -> None:
