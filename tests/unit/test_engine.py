@@ -186,3 +186,22 @@ def test_invalid_requests_are_rejected(llama: Policy, words_reward: FunctionRewa
     for bad in ({"max_new_tokens": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"num_samples": -1}):
         with pytest.raises(ValueError):
             engine.run([request(**bad)])
+
+
+@pytest.mark.parametrize("spread", [8.0, 2.5, 0.5])  # nucleus within 256 tokens, within 2048, wider
+def test_top_p_candidates_give_the_full_sort_answer(spread: float) -> None:
+    torch.manual_seed(0)
+    num_rows, vocab, top_p = 64, 5000, 0.9
+    logits = torch.randn(num_rows, vocab) * spread
+    uniform = torch.rand(num_rows)
+    ones = torch.ones(num_rows)
+    tokens = sample_tokens(logits, ones, ones * top_p, uniform)
+    probs = torch.softmax(logits, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    nucleus_size = ((sorted_probs.cumsum(-1) - sorted_probs) < top_p).sum(-1)
+    for row in range(num_rows):  # reference: the smallest prefix of sorted tokens whose mass reaches top_p
+        kept = sorted_probs[row, :nucleus_size[row]]
+        position = int(torch.searchsorted(kept.cumsum(0), uniform[row] * kept.sum(), right=True).clamp_max(len(kept) - 1))
+        assert int(tokens[row]) == int(order[row, position])
+    low, high = {8.0: (1, 256), 2.5: (257, 2048), 0.5: (2049, vocab)}[spread]
+    assert low <= int(nucleus_size.median()) <= high  # the case exercises the tier it is meant to
