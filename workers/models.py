@@ -215,6 +215,7 @@ def _gguf_cache(gguf: Path, dtype: torch.dtype, cache_root: Path) -> Path:
     try:
         clean.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is readable like any other
         try:
             os.rename(tmp, target)  # atomic; another process may have won the race, which is fine
         except OSError:

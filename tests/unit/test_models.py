@@ -83,3 +83,109 @@ def test_default_policy_loads_offline_from_the_wheel_and_is_cached(monkeypatch: 
         out = policy.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
                                     do_sample=False, pad_token_id=policy.tokenizer.pad_token_id)
     assert "Paris" in policy.tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def write_tiny_gguf(path: pathlib.Path, num_tokens: int = 600) -> pathlib.Path:
+    """A 1-layer random Llama GGUF (one Q8_0 tensor) with the first tokens of SmolLM2's tokenizer."""
+    import gguf
+    import numpy as np
+
+    from workers.models import default_policy_gguf
+
+    reader = gguf.GGUFReader(str(default_policy_gguf()))
+
+    def strings(key: str, limit: int) -> list[str]:
+        field = reader.fields[key]
+        return [bytes(field.parts[i]).decode("utf-8") for i in field.data[:limit]]
+
+    tokens = strings("tokenizer.ggml.tokens", num_tokens)
+    kept = set(tokens)
+    # BPE ids follow merge order, so the merges that build the kept tokens come first
+    merges = [m for m in strings("tokenizer.ggml.merges", 4 * num_tokens)
+              if m.replace(" ", "") in kept and all(part in kept for part in m.split(" "))]
+    types = reader.fields["tokenizer.ggml.token_type"]
+    hidden, ffn, heads, kv_heads = 64, 128, 4, 2
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(512)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_vocab_size(num_tokens)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(tokens)
+    writer.add_token_types([int(types.parts[i][0]) for i in types.data[:num_tokens]])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_pad_token_id(2)
+    writer.add_chat_template(bytes(reader.fields["tokenizer.chat_template"].parts[-1]).decode())
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (num_tokens, hidden), "output_norm.weight": (hidden,),
+              "blk.0.attn_norm.weight": (hidden,), "blk.0.ffn_norm.weight": (hidden,),
+              "blk.0.attn_q.weight": (hidden, hidden), "blk.0.attn_k.weight": (kv_heads * hidden // heads, hidden),
+              "blk.0.attn_v.weight": (kv_heads * hidden // heads, hidden), "blk.0.attn_output.weight": (hidden, hidden),
+              "blk.0.ffn_gate.weight": (ffn, hidden), "blk.0.ffn_up.weight": (ffn, hidden),
+              "blk.0.ffn_down.weight": (hidden, ffn)}
+    for name, shape in shapes.items():
+        data = (rng.standard_normal(shape) * 0.5).astype(np.float32)
+        if name == "token_embd.weight":  # one quantised tensor, so loading really de-quantises
+            writer.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """Built once per machine (reading SmolLM2's tokenizer takes seconds), in the tiny-model test cache."""
+    cache = pathlib.Path(os.environ.get("ALIGNQ_TEST_CACHE", pathlib.Path.home() / ".cache" / "alignq" / "test-models"))
+    target = cache / "tiny-llama-v1.gguf"
+    if not target.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = write_tiny_gguf(cache / f".tiny-llama-v1.{os.getpid()}.gguf")
+        tmp.replace(target)
+    folder = tmp_path_factory.mktemp("gguf")  # its own folder: transformers reads the GGUF's folder too
+    (folder / target.name).symlink_to(target)
+    return folder / target.name
+
+
+def test_gguf_is_dequantised_once_then_read_from_the_cache(tiny_gguf: pathlib.Path, tmp_path: pathlib.Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoModelForCausalLM
+
+    import workers.models
+
+    policy = load_policy(str(tiny_gguf), device="cpu", dtype="float32", cache_dir=str(tmp_path))
+    [cached] = list(tmp_path.iterdir())  # one finished folder, no temp folder left behind
+    assert cached.name.startswith("tiny-llama-") and cached.name.endswith("-float32-v1")
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= {
+        p.name for p in cached.iterdir()}
+    assert policy.tokenizer.padding_side == "left" and policy.tokenizer.pad_token == "<|im_end|>"
+    ids = torch.tensor([policy.encode("hello")])
+    direct = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name, dtype=torch.float32)
+    with torch.inference_mode():
+        expected = direct(input_ids=ids).logits
+        assert torch.equal(policy.model(input_ids=ids).logits, expected)
+
+    def no_dequantising(gguf: pathlib.Path) -> None:
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr(workers.models, "_dequantise", no_dequantising)
+    again = load_policy(str(tiny_gguf), device="cpu", dtype="float32", cache_dir=str(tmp_path))
+    half = load_policy(str(tiny_gguf), device="cpu", dtype="bfloat16", cache_dir=str(tmp_path))  # cast from fp32
+    assert sorted(p.name.rsplit("-", 2)[1] for p in tmp_path.iterdir()) == ["bfloat16", "float32"]
+    with torch.inference_mode():
+        assert torch.equal(again.model(input_ids=ids).logits, expected)
+    for name, weight in half.model.state_dict().items():
+        assert torch.equal(weight, policy.model.state_dict()[name].to(torch.bfloat16)), name
