@@ -210,6 +210,65 @@ async def test_long_job_keeps_its_lease_while_its_worker_lives(redis, redis_url,
     assert await num_pending(redis) == 0
 
 
+async def test_restarted_worker_takes_its_own_pending_jobs_first(redis, redis_url, tiny_llama_dir):
+    await redis.xgroup_create(KEYS.jobs, WORKER_GROUP, id="0", mkstream=True)
+    await push(redis, make_job("r-mine"))
+    await redis.xreadgroup(WORKER_GROUP, "w-stable", {KEYS.jobs: ">"}, count=1)  # then the process died
+    settings = make_settings(redis_url, tiny_llama_dir, worker_id="w-stable", claim_idle_ms=600_000)
+    async with running(settings, "w-stable") as worker:  # same consumer name: no claim_idle_ms wait
+        [reply] = await replies(redis, 1, timeout_s=20)
+        assert worker.stats.num_reclaimed == 0
+    assert reply.request_id == "r-mine" and reply.error is None and await num_pending(redis) == 0
+
+
+async def test_worker_keeps_serving_across_a_redis_restart(tiny_llama_dir):
+    from middleware.embedded_redis import EmbeddedRedis
+
+    server = EmbeddedRedis()
+    url = server.start()
+    redis = aioredis.Redis.from_url(url)
+    try:
+        async with running(make_settings(url, tiny_llama_dir)) as worker:
+            await push(redis, make_job("r-before"))
+            assert (await replies(redis, 1, timeout_s=20))[0].request_id == "r-before"
+            server.stop()  # no persistence: the stream and its group are gone
+            await anyio.sleep(0.5)
+            server = EmbeddedRedis(port=server.port)
+            server.start()
+            with pytest.raises(aioredis.ConnectionError):  # the test's own pooled connection is stale
+                await redis.ping()
+            await push(redis, make_job("r-after"))
+            [reply] = await replies(redis, 1, timeout_s=30)
+        assert reply.request_id == "r-after" and reply.error is None and worker.stats.num_jobs_done == 2
+    finally:
+        await redis.aclose()
+        server.stop()
+
+
+async def test_auto_threads_split_the_cores_between_the_workers_on_a_host(redis, redis_url, tiny_llama_dir):
+    import socket
+
+    import torch
+
+    from workers.consumer import count_workers_on_host
+
+    host = socket.gethostname()
+    for worker_id, beat_host in (("peer-1", host), ("peer-2", host), ("far-1", "elsewhere")):
+        await redis.set(KEYS.heartbeat("worker", worker_id), json.dumps({"worker_id": worker_id, "host": beat_host}))
+    await redis.set(KEYS.heartbeat("worker-loading", "peer-3"), json.dumps({"worker_id": "peer-3", "host": host}))
+    await redis.set(KEYS.heartbeat("worker", "junk"), b"\xff not json")
+    assert await count_workers_on_host(redis, KEYS, host, "me") == 4  # 3 peers here + me
+    assert await count_workers_on_host(redis, KEYS, host, "peer-1") == 3
+    await redis.delete(*(KEYS.heartbeat("worker", w) for w in ("peer-2", "junk")),
+                       KEYS.heartbeat("worker-loading", "peer-3"))
+    try:
+        async with running(make_settings(redis_url, tiny_llama_dir, num_threads=0)) as worker:
+            assert worker.num_threads == max(1, (os.cpu_count() or 1) // 2)  # peer-1 and this one
+            assert torch.get_num_threads() == worker.num_threads
+    finally:
+        torch.set_num_threads(1)
+
+
 def start_worker_process(redis_url: str, model_dir: pathlib.Path, worker_id: str, **env: str) -> subprocess.Popen:
     environment = {**os.environ, "ALIGNQ_REDIS_URL": redis_url, "ALIGNQ_MODEL": str(model_dir),
                    "ALIGNQ_REWARD_MODEL": "python:nan_scorer:score_batch", "ALIGNQ_DEVICE": "cpu",
