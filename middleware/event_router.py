@@ -2,10 +2,12 @@
 
 A client waiting on thousands of requests would otherwise hold a blocked connection per request
 (and redis-py caps a pool at 100). The router groups subscriptions into shards of at most
-``max_streams_per_read`` streams; each shard is one task issuing ``XREAD BLOCK block_ms`` over all of
-its streams and handing each new entry to its subscribers' in-memory queues. A new subscription is
-picked up by the next read (at most ``block_ms`` later); events on streams already read wake the
-read at once. A shard's task ends when its last subscriber leaves and restarts on demand.
+``max_streams_per_read`` streams; each shard is one task on its own connection issuing
+``XREAD BLOCK block_ms`` over all of its streams and handing each new entry to its subscribers'
+in-memory queues. Events on streams already read wake the read at once; a new subscription wakes it
+with ``CLIENT UNBLOCK`` so the next read includes it (where CLIENT is not allowed, it is picked up
+by the next read, at most ``block_ms`` later). A shard's task ends when its last subscriber leaves
+and restarts on demand.
 
 Subscribers see ``(entry_id, fields)`` tuples in order, or an exception the shard hit (anything but
 a connection error, which the shard retries with backoff while waiters keep their own timeouts).
@@ -23,6 +25,7 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 logger = logging.getLogger(__name__)
@@ -49,14 +52,19 @@ class Subscription:
 class _Shard:
     subscriptions: dict[str, list[Subscription]] = field(default_factory=dict)  # stream -> subscribers
     task: asyncio.Task | None = None
+    client_id: int | None = None  # of the shard's own connection, for CLIENT UNBLOCK
+    is_reading: bool = False  # an XREAD is in flight
+    is_wake_sent: bool = False  # a CLIENT UNBLOCK is in flight (coalesces wake-ups)
 
 
 class EventRouter:
-    def __init__(self, redis: Any, *, block_ms: int = 50, max_streams_per_read: int = 256) -> None:
+    def __init__(self, redis: Any, *, block_ms: int = 250, max_streams_per_read: int = 256) -> None:
         self.redis = redis
         self.block_ms = block_ms
         self.max_streams_per_read = max_streams_per_read
         self._shards: list[_Shard] = []
+        self._can_unblock = True
+        self._wake_tasks: set[asyncio.Task] = set()
 
     def subscribe(self, stream: str, *, from_id: bytes = b"0-0") -> Subscription:
         send, receive = anyio.create_memory_object_stream[Any](max_buffer_size=math.inf)
@@ -66,10 +74,29 @@ class EventRouter:
         if shard is None:
             shard = _Shard()
             self._shards.append(shard)
+        is_new_stream = stream not in shard.subscriptions
         shard.subscriptions.setdefault(stream, []).append(subscription)
         if shard.task is None:
             shard.task = asyncio.get_running_loop().create_task(self._read(shard))
+        elif is_new_stream and shard.is_reading and not shard.is_wake_sent and self._can_unblock:
+            shard.is_wake_sent = True
+            task = asyncio.get_running_loop().create_task(self._wake(shard))
+            self._wake_tasks.add(task)
+            task.add_done_callback(self._wake_tasks.discard)
         return subscription
+
+    async def _wake(self, shard: _Shard) -> None:
+        """End the shard's blocked XREAD now, so its next read includes the new stream."""
+        try:
+            if shard.client_id is not None:
+                await self.redis.client_unblock(shard.client_id)
+        except ResponseError as e:  # CLIENT not allowed (ACL, managed Redis): rely on block_ms
+            self._can_unblock = False
+            logger.info("CLIENT UNBLOCK unavailable, new waits start within %d ms: %s", self.block_ms, e)
+        except _RETRYABLE as e:
+            logger.debug("wake-up failed: %s", e)
+        finally:
+            shard.is_wake_sent = False
 
     def unsubscribe(self, subscription: Subscription) -> None:
         for shard in self._shards:
@@ -83,7 +110,11 @@ class EventRouter:
         subscription.receive.close()
 
     async def aclose(self) -> None:
-        tasks = [shard.task for shard in self._shards if shard.task is not None]
+        for shard in self._shards:  # a read blocked in Redis does not see a cancellation until it returns
+            if shard.client_id is not None and shard.is_reading and self._can_unblock:
+                with contextlib.suppress(*_RETRYABLE, ResponseError):
+                    await self.redis.client_unblock(shard.client_id)
+        tasks = [shard.task for shard in self._shards if shard.task is not None] + list(self._wake_tasks)
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -97,13 +128,21 @@ class EventRouter:
 
     async def _read(self, shard: _Shard) -> None:
         delay_s = 0.05
+        connection = self.redis.client()  # holds one connection of the pool while the shard lives
         try:
             while shard.subscriptions:
-                streams = {stream: min((s.last_id for s in subs), key=entry_id_key)
-                           for stream, subs in shard.subscriptions.items()}
                 try:
-                    reply = await self.redis.xread(streams, count=100, block=self.block_ms)
+                    if shard.client_id is None:
+                        shard.client_id = await connection.client_id()
+                    streams = {stream: min((s.last_id for s in subs), key=entry_id_key)
+                               for stream, subs in shard.subscriptions.items()}
+                    shard.is_reading = True
+                    try:
+                        reply = await connection.xread(streams, count=100, block=self.block_ms)
+                    finally:
+                        shard.is_reading = False
                 except _RETRYABLE as e:
+                    shard.client_id = None  # a reconnect gets a new id
                     logger.warning("event read failed, retrying in %.2f s: %s", delay_s, e)
                     await asyncio.sleep(delay_s)
                     delay_s = min(1.0, delay_s * 2)
@@ -114,7 +153,7 @@ class EventRouter:
                         self._deliver(subscription, entries)
         except asyncio.CancelledError:
             raise
-        except Exception as e:
+        except Exception as e:  # handed to every waiter, who raises it
             logger.exception("event router shard failed")
             for subs in shard.subscriptions.values():
                 for subscription in subs:
@@ -122,8 +161,12 @@ class EventRouter:
                         subscription.send.send_nowait(e)
         finally:
             shard.task = None
+            shard.client_id = None
             if not shard.subscriptions and shard in self._shards:
                 self._shards.remove(shard)
+            with anyio.CancelScope(shield=True):
+                with contextlib.suppress(Exception):
+                    await connection.aclose()
 
     @staticmethod
     def _deliver(subscription: Subscription, entries: list[tuple[bytes, dict]]) -> None:

@@ -401,3 +401,26 @@ async def test_a_flood_is_bounded_by_max_pending(redis_url: str) -> None:
         assert await client.redis.zcard(KEYS.pending_requests) == 500
         assert memory_after == memory_full  # flat: a rejected submit writes nothing
         assert rejected_per_s > 1000  # fails fast
+
+
+async def test_router_wakes_a_blocked_read_for_a_new_waiter(redis_url: str) -> None:
+    from middleware.event_router import EventRouter
+
+    redis = aioredis.Redis.from_url(redis_url)
+    router = EventRouter(redis, block_ms=3000)
+    try:
+        first = router.subscribe("test:first")
+        await anyio.sleep(0.2)  # the shard is now blocked on test:first for up to 3 s
+        second = router.subscribe("test:second")
+        await anyio.sleep(0.05)
+        started = time.monotonic()
+        await redis.xadd("test:second", {b"m": b"x"})
+        with anyio.fail_after(5):
+            _entry_id, fields = await second.receive.receive()
+        assert fields == {b"m": b"x"}
+        assert time.monotonic() - started < 1.0  # woken by CLIENT UNBLOCK, not after block_ms
+        router.unsubscribe(first)
+        router.unsubscribe(second)
+    finally:
+        await router.aclose()
+        await redis.aclose()
