@@ -18,8 +18,10 @@ in the caller's hands. Tokens = generated tokens up to and including EOS.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
+import statistics
 from typing import Any
 
 from middleware.bench.ingest import hardware_info as host_info
@@ -64,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch threads for every mode (0: cores / workers); each worker gets threads / workers")
     parser.add_argument("--max-batch", type=int, default=64, help="engine rows per forward pass (b and c)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure every mode this often, interleaved; report the median run and ratio")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--redis-url", default=None, help="Redis for (c) (default ALIGNQ_REDIS_URL, else embedded)")
     parser.add_argument("--timeout-s", type=float, default=900.0, help="give up on (c) after this long")
@@ -103,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     if not modes or any(mode not in MODES for mode in modes):
         raise UsageError(f"--modes takes a comma-separated subset of {','.join(MODES)}")
-    if args.budget < 1 or args.max_new_tokens < 1 or args.workers < 1 or args.threads < 0 or args.max_batch < 1:
-        raise UsageError("--budget, --max-new-tokens, --workers and --max-batch must be >= 1, --threads >= 0")
+    if min(args.budget, args.max_new_tokens, args.workers, args.max_batch, args.repeats) < 1 or args.threads < 0:
+        raise UsageError("--budget, --max-new-tokens, --workers, --max-batch and --repeats must be >= 1, --threads >= 0")
     if args.num_prompts is not None and args.num_prompts < 1:
         raise UsageError("--num-prompts must be >= 1")
     prompts = load_prompts(args.prompts, args.num_prompts)
@@ -115,28 +119,47 @@ def run(args: argparse.Namespace) -> int:
 
     report: dict[str, Any] = {"num_prompts": len(prompts), "budget": args.budget,
                               "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                              "top_p": args.top_p}
-    local = measure.load_local(args) if {"hf_loop", "engine"} & set(modes) else None
-    if local is not None:
-        report["hardware"] = local.hardware
-        for mode in ("hf_loop", "engine"):
-            if mode in modes:
-                report[mode] = measure.MODE_RUNNERS[mode](local, prompts, args)
+                              "top_p": args.top_p, "repeats": args.repeats}
+    runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
+    with contextlib.ExitStack() as stack:
+        threads = measure.resolve_threads(args.threads)
+        if "middleware" in modes:  # started first: its model loads while ours does
+            measure_middleware = stack.enter_context(
+                measure.middleware_session(args, threads=threads, warmup_prompt=prompts[0]))
+        local = measure.load_local(args) if {"hf_loop", "engine"} & set(modes) else None
+        if local is not None:
+            threads = local.hardware["threads"]
+            report["hardware"] = local.hardware
+        for _ in range(args.repeats):  # modes interleaved, so drifting load hits each alike
+            for mode in modes:
+                if mode == "middleware":
+                    runs[mode].append(measure_middleware(prompts))
+                else:
+                    runs[mode].append(measure.MODE_RUNNERS[mode](local, prompts, args))
     if "middleware" in modes:
-        threads = local.hardware["threads"] if local is not None else measure.resolve_threads(args.threads)
-        report["middleware"] = measure.run_middleware(prompts, args, threads=threads)
         report.setdefault("hardware", {**host_info(), "threads": threads, "device": args.device,
                                        "dtype": args.dtype})
         report["hardware"]["worker_processes"] = args.workers
         report["hardware"]["threads_per_worker"] = max(1, threads // args.workers)
-    if "hf_loop" in report and "engine" in report:
-        report["engine_over_hf"] = report["engine"]["samples_per_s"] / report["hf_loop"]["samples_per_s"]
-    if "engine" in report and "middleware" in report:
-        report["middleware_over_engine"] = report["middleware"]["samples_per_s"] / report["engine"]["samples_per_s"]
+    for mode, mode_runs in runs.items():
+        report[mode] = median_run(mode_runs)
+        report[mode]["runs_samples_per_s"] = [run["samples_per_s"] for run in mode_runs]
+    # ratios of runs measured side by side (same repeat), then their median
+    for key, upper, lower in (("engine_over_hf", "engine", "hf_loop"), ("middleware_over_engine", "middleware", "engine")):
+        if upper in runs and lower in runs:
+            ratios = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(runs[upper], runs[lower])]
+            report[key] = statistics.median(ratios)
+            report[f"{key}_runs"] = ratios
     if args.plot is not None:
         write_plot(report, args.plot)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
+
+
+def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The run with the median samples/s (a real run, so its numbers agree with each other)."""
+    ordered = sorted(runs, key=lambda run: run["samples_per_s"])
+    return dict(ordered[(len(ordered) - 1) // 2])
 
 
 def summarize(done_s: list[float], wall_s: float, num_samples: int, num_tokens: int) -> dict[str, float]:
@@ -159,10 +182,10 @@ def format_report(report: dict[str, Any]) -> str:
              f"new tokens; {hardware.get('cpu_model', '?')}, {hardware.get('threads', '?')} threads, "
              f"{hardware.get('dtype', '?')} on {hardware.get('device', '?')}")
     lines = [title]
-    if "engine_over_hf" in report:
-        lines.append(f"  engine / hf_loop      {report['engine_over_hf']:.2f}x samples/s")
-    if "middleware_over_engine" in report:
-        lines.append(f"  middleware / engine   {report['middleware_over_engine']:.2f}x samples/s")
+    for key, label in (("engine_over_hf", "engine / hf_loop"), ("middleware_over_engine", "middleware / engine")):
+        if key in report:
+            runs = ", ".join(f"{ratio:.2f}" for ratio in report[f"{key}_runs"])
+            lines.append(f"  {label:<20} {report[key]:.2f}x samples/s" + (f" (runs: {runs})" if report["repeats"] > 1 else ""))
     lines.append(f"  {'mode':<12} {'samples/s':>10} {'tokens/s':>10} {'p50 s':>8} {'p95 s':>8} {'wall s':>8}")
     for mode in MODES:
         if mode in report:

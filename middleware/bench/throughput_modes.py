@@ -132,7 +132,10 @@ def run_engine(local: LocalModels, prompts: list[Any], args: argparse.Namespace)
     num_samples = sum(len(result.samples) for result in results)
     num_tokens = sum(sample.num_tokens for result in results for sample in result.samples)
     # Engine.run hands every result back at once: each prompt's time to result is the whole call.
-    return summarize([wall_s] * len(results), wall_s, num_samples, num_tokens)
+    summary = summarize([wall_s] * len(results), wall_s, num_samples, num_tokens)
+    summary["generate_s"] = sum(result.generate_s for result in results)
+    summary["score_s"] = sum(result.score_s for result in results)
+    return summary
 
 
 MODE_RUNNERS: dict[str, Callable[[LocalModels, list[Any], argparse.Namespace], dict[str, float]]] = {
@@ -142,7 +145,14 @@ MODE_RUNNERS: dict[str, Callable[[LocalModels, list[Any], argparse.Namespace], d
 
 
 # -- (c) the whole middleware ------------------------------------------------------------------------
-def run_middleware(prompts: list[Any], args: argparse.Namespace, *, threads: int) -> dict[str, float]:
+@contextlib.contextmanager
+def middleware_session(args: argparse.Namespace, *, threads: int, warmup_prompt: Any,
+                       ) -> Iterator[Callable[[list[Any]], dict[str, float]]]:
+    """Redis, a scheduler and ``--workers`` workers, up and warm; yields ``measure(prompts) -> summary``.
+
+    Keys live in a namespace of their own, deleted after the services stopped (they write heartbeats
+    and telemetry until then).
+    """
     import anyio
 
     namespace = f"alignq-bench-throughput-{os.getpid()}"
@@ -150,8 +160,9 @@ def run_middleware(prompts: list[Any], args: argparse.Namespace, *, threads: int
         try:
             with service_processes(redis_url, namespace, args,
                                    threads_per_worker=max(1, threads // args.workers)) as processes:
-                return anyio.run(_measure_middleware, redis_url, namespace, prompts, args, processes)
-        finally:  # after the services stopped: they write heartbeats and telemetry until then
+                anyio.run(_warm_up_middleware, redis_url, namespace, warmup_prompt, args, processes)
+                yield lambda prompts: anyio.run(_measure_middleware, redis_url, namespace, prompts, args, processes)
+        finally:
             anyio.run(_delete_namespace_keys, redis_url, namespace)
 
 
@@ -221,12 +232,6 @@ async def _measure_middleware(redis_url: str, namespace: str, prompts: list[Any]
     from middleware.client import Client
 
     async with Client(redis_url, namespace=namespace, max_pending=100_000, poll_interval_s=0.5) as client:
-        await _wait_for_heartbeats(client, processes, num_workers=args.workers, timeout_s=args.timeout_s)
-        # Warm-up: the first answered request proves the worker has its models loaded and compiled.
-        warmup_id = await client.submit(prompts[0], method="uniform", budget=WARMUP_BUDGET,
-                                        max_new_tokens=WARMUP_NEW_TOKENS, seed=args.seed)
-        await _await_result(client, warmup_id, processes, args.timeout_s)
-
         items = [{"prompt": prompt, "method": "uniform", "budget": args.budget, "max_new_tokens": args.max_new_tokens,
                   "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed + index}
                  for index, prompt in enumerate(prompts)]
@@ -245,7 +250,24 @@ async def _measure_middleware(redis_url: str, namespace: str, prompts: list[Any]
         wall_s = time.perf_counter() - start_s
     num_samples = sum(result.samples_used for result in results.values())
     num_tokens = sum(result.num_tokens for result in results.values())
-    return summarize(list(done_s.values()), wall_s, num_samples, num_tokens)
+    summary = summarize(list(done_s.values()), wall_s, num_samples, num_tokens)
+    # the workers' own time (decode, scoring) for these requests: wall - these = the service's overhead
+    summary["generate_s"] = sum(result.generate_s for result in results.values())
+    summary["score_s"] = sum(result.score_s for result in results.values())
+    summary["queued_p50_s"] = sorted(result.queued_s for result in results.values())[len(results) // 2]
+    return summary
+
+
+async def _warm_up_middleware(redis_url: str, namespace: str, prompt: Any, args: argparse.Namespace,
+                              processes: list[ServiceProcess]) -> None:
+    """Wait for the heartbeats, then for one answered request: models loaded, code paths warm."""
+    from middleware.client import Client
+
+    async with Client(redis_url, namespace=namespace, max_pending=100_000, poll_interval_s=0.5) as client:
+        await _wait_for_heartbeats(client, processes, num_workers=args.workers, timeout_s=args.timeout_s)
+        warmup_id = await client.submit(prompt, method="uniform", budget=WARMUP_BUDGET,
+                                        max_new_tokens=WARMUP_NEW_TOKENS, seed=args.seed)
+        await _await_result(client, warmup_id, processes, args.timeout_s)
 
 
 async def _await_result(client: Any, request_id: str, processes: list[ServiceProcess], timeout_s: float) -> Any:
