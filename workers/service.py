@@ -120,25 +120,14 @@ class Worker:
                         self.worker_id, self.num_threads, self.settings.max_batch_jobs, self.max_batch_samples)
             if ready is not None:
                 ready.set()
-            runner_done = anyio.Event()
+            done = {name: anyio.Event() for name in ("intake", "reclaim", "runner")}
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeat_loop)
-                tg.start_soon(self._intake_loop)
-                tg.start_soon(self._reclaim_loop)
-                tg.start_soon(self._runner_loop, runner_done)
+                tg.start_soon(_run_then_set, self._intake_loop, done["intake"])
+                tg.start_soon(_run_then_set, self._reclaim_loop, done["reclaim"])
+                tg.start_soon(_run_then_set, self._runner_loop, done["runner"])
                 await stop.wait()
-                self._stopping = True
-                self._give_up_publish_at = anyio.current_time() + self.settings.shutdown_grace_s + PUBLISH_GIVE_UP_S
-                self._notify()
-                logger.info("stopping worker_id=%s in_flight=%d queued=%d grace_s=%.1f", self.worker_id,
-                            len(self.in_flight), len(self.queue), self.settings.shutdown_grace_s)
-                with anyio.move_on_after(self.settings.shutdown_grace_s):
-                    await runner_done.wait()
-                if not runner_done.is_set():
-                    self._is_batch_abandoned = True
-                    logger.warning("grace period over: abandoning the batch in flight jobs=%d (left for reclaim)",
-                                   len(self.in_flight))
-                await self._hand_back()
+                await self._drain(done)
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
@@ -151,6 +140,24 @@ class Worker:
                     await self.redis.aclose()
         logger.info("worker stopped worker_id=%s jobs_done=%d batches=%d", self.worker_id,
                     self.stats.num_jobs_done, self.stats.num_batches)
+
+    async def _drain(self, done: dict[str, anyio.Event]) -> None:
+        """Stop taking work; give the batch in flight the grace period; hand back what never started."""
+        self._stopping = True
+        self._give_up_publish_at = anyio.current_time() + self.settings.shutdown_grace_s + PUBLISH_GIVE_UP_S
+        self._notify()
+        logger.info("stopping worker_id=%s in_flight=%d queued=%d grace_s=%.1f", self.worker_id,
+                    len(self.in_flight), len(self.queue), self.settings.shutdown_grace_s)
+        with anyio.move_on_after(self.settings.shutdown_grace_s):
+            await done["runner"].wait()
+        if not done["runner"].is_set():
+            self._is_batch_abandoned = True
+            logger.warning("grace period over: abandoning the batch in flight jobs=%d (left for reclaim)",
+                           len(self.in_flight))
+        with anyio.move_on_after(READ_BLOCK_MS / 1000 + 1):  # a read in progress may still bring jobs
+            await done["intake"].wait()
+            await done["reclaim"].wait()
+        await self._hand_back()
 
     async def _load_models(self) -> None:
         """configure_threads first (a fair share of this host's cores), then policy and reward, once."""
@@ -218,20 +225,16 @@ class Worker:
                 logger.info("reclaimed %d jobs from dead workers worker_id=%s", len(entries), self.worker_id)
                 await self._admit(entries)
 
-    async def _runner_loop(self, done: anyio.Event) -> None:
-        try:
-            while not self._stopping:
-                if not self.queue:
-                    await self._wait_queue_change(READ_BLOCK_MS / 1000)
-                    continue
-                batch = take_batch(self.queue, max_jobs=self.settings.max_batch_jobs,
-                                   max_samples=self.max_batch_samples)
-                self._notify()  # room for intake
-                batch = await self._answer_expired(batch)
-                if batch:
-                    await self._run_batch(batch)
-        finally:
-            done.set()
+    async def _runner_loop(self) -> None:
+        while not self._stopping:
+            if not self.queue:
+                await self._wait_queue_change(READ_BLOCK_MS / 1000)
+                continue
+            batch = take_batch(self.queue, max_jobs=self.settings.max_batch_jobs, max_samples=self.max_batch_samples)
+            self._notify()  # room for intake
+            batch = await self._answer_expired(batch)
+            if batch:
+                await self._run_batch(batch)
 
     async def _run_batch(self, batch: list[HeldJob]) -> None:
         self.in_flight = batch
@@ -422,6 +425,13 @@ class Worker:
                 logger.warning("redis error during %s, retrying in %.2f s: %s", what, delay_s, e)
                 await anyio.sleep(delay_s)
                 delay_s = min(MAX_BACKOFF_S, delay_s * 2)
+
+
+async def _run_then_set(loop: Callable[[], Awaitable[None]], done: anyio.Event) -> None:
+    try:
+        await loop()
+    finally:
+        done.set()
 
 
 async def serve_worker(settings: WorkerSettings, *, stop: anyio.Event | None = None,

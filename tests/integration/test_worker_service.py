@@ -210,6 +210,19 @@ async def test_long_job_keeps_its_lease_while_its_worker_lives(redis, redis_url,
     assert await num_pending(redis) == 0
 
 
+async def test_batch_past_the_grace_period_is_abandoned_unacked(redis, redis_url, tiny_llama_dir, monkeypatch):
+    monkeypatch.setenv("NAN_SCORER_SLEEP", "1")
+    settings = make_settings(redis_url, tiny_llama_dir, shutdown_grace_s=0.3)
+    async with running(settings, "w-slow") as worker:
+        await push(redis, make_job("r-slow", metadata={"sleep_s": 4}))
+        await wait_held_by(redis, "w-slow")
+        await anyio.sleep(0.3)
+        stopped_at = time.monotonic()
+    assert time.monotonic() - stopped_at < 3  # did not wait for the 4 s job
+    assert worker._is_batch_abandoned and worker.stats.num_jobs_done == 0
+    assert await redis.xlen(KEYS.samples(SCHEDULER)) == 0 and await num_pending(redis) == 1  # for another worker
+
+
 async def test_restarted_worker_takes_its_own_pending_jobs_first(redis, redis_url, tiny_llama_dir):
     await redis.xgroup_create(KEYS.jobs, WORKER_GROUP, id="0", mkstream=True)
     await push(redis, make_job("r-mine"))
