@@ -7,7 +7,8 @@ randomness, decodes texts, scores them and attributes time.
 A request's samples depend only on its prompt, seed, sample_offset, num_samples and sampling
 parameters (and ``max_batch``), never on the other requests in the batch: its uniforms come from
 its own ``torch.Generator`` seeded from (seed, sample_offset + part start), and rows never share
-randomness.
+randomness. Exactly so in float32; in bf16 a different batch shape can change the rounding of a
+logit and, rarely, a token.
 """
 
 from __future__ import annotations
@@ -160,18 +161,20 @@ class Engine:
         """Decode one batch of parts; returns texts, token counts and EOS flags row by row."""
         row_prompt, temperature, top_p, max_new, uniforms = [], [], [], [], []
         max_steps = max(requests[p.request].max_new_tokens for p in batch)
-        for i, part in enumerate(batch):
+        unique_prompts: dict[tuple[int, ...], int] = {}  # jobs of one prompt in a batch share its prefill
+        for part in batch:
             request = requests[part.request]
+            prompt_index = unique_prompts.setdefault(tuple(prompt_ids[part.request]), len(unique_prompts))
             generator = torch.Generator().manual_seed(derive_seed(request.seed, request.sample_offset + part.first))
             # (rows, max_new_tokens) uniforms: step t of row j uses [j, t] whatever the batch
             drawn = torch.rand((part.num_rows, request.max_new_tokens), generator=generator)
             uniforms.append(torch.nn.functional.pad(drawn, (0, max_steps - request.max_new_tokens)))
-            row_prompt += [i] * part.num_rows
+            row_prompt += [prompt_index] * part.num_rows
             temperature += [request.temperature] * part.num_rows
             top_p += [request.top_p] * part.num_rows
             max_new += [request.max_new_tokens] * part.num_rows
         out = decode_rows(
-            self.policy.model, [prompt_ids[p.request] for p in batch], torch.tensor(row_prompt),
+            self.policy.model, [list(ids) for ids in unique_prompts], torch.tensor(row_prompt),
             temperature=torch.tensor(temperature, dtype=torch.float32), top_p=torch.tensor(top_p, dtype=torch.float32),
             uniforms=torch.cat(uniforms), max_new_tokens=torch.tensor(max_new), eos_ids=self.eos_ids,
             pad_id=self.pad_id)

@@ -17,8 +17,10 @@ from middleware.errors import UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("sample", help="draw N samples for one prompt, print them best first",
-                                   description=__doc__)
+    parser = subparsers.add_parser(
+        "sample", help="draw N samples for one prompt, print them best first",
+        description="Draw N samples for one prompt in this process (no Redis) and print them with their rewards, "
+                    "best first. Defaults come from the ALIGNQ_* worker settings.")
     parser.add_argument("prompt", help="the prompt (a user message; the chat template is applied)")
     parser.add_argument("-n", "--num-samples", type=int, default=4, help="samples to draw (default 4)")
     parser.add_argument("--json", action="store_true", help="print a JSON list of {text, reward, num_tokens}")

@@ -205,3 +205,14 @@ def test_top_p_candidates_give_the_full_sort_answer(spread: float) -> None:
         assert int(tokens[row]) == int(order[row, position])
     low, high = {8.0: (1, 256), 2.5: (257, 2048), 0.5: (2049, vocab)}[spread]
     assert low <= int(nucleus_size.median()) <= high  # the case exercises the tier it is meant to
+
+
+def test_jobs_of_one_prompt_share_a_batch_without_changing_their_samples(llama: Policy,
+                                                                         words_reward: FunctionReward) -> None:
+    explore = request("explore", PROMPTS[1], num_samples=3, seed=5, sample_offset=0)
+    exploit = request("exploit", PROMPTS[1], num_samples=5, seed=5, sample_offset=3)
+    engine = Engine(llama, words_reward)
+    together = engine.run([explore, exploit])
+    assert [texts(r) for r in together] == [texts(engine.run([explore])[0]), texts(engine.run([exploit])[0])]
+    assert [s.index for s in together[1].samples] == [3, 4, 5, 6, 7]
+    assert not set(texts(together[0])) & set(texts(together[1]))  # offsets give fresh samples
