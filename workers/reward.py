@@ -230,5 +230,7 @@ def load_reward(spec: str | None = None, *, device: str = "auto", positive: str 
         return EmbeddingReward(path, positive=positive, negative=negative, device=resolve_device(device))
     if target.startswith(("/", "./", "../", "~")) and not os.path.exists(path):
         raise ModelLoadError(f"reward spec {spec!r}: path {target} does not exist")
-    return SequenceClassifierReward(path if os.path.exists(path) else target, device=resolve_device(device),
+    torch_device = resolve_device(device)
+    return SequenceClassifierReward(path if os.path.exists(path) else target, device=torch_device,
+                                    dtype=torch.bfloat16 if torch_device.type == "cuda" else torch.float32,
                                     local_files_only=is_offline())
