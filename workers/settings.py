@@ -7,8 +7,10 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_POSITIVE = "A helpful, clear, friendly and on-topic answer that addresses the question directly."
-DEFAULT_NEGATIVE = "An unhelpful, rude, confusing or off-topic answer that ignores the question."
+# Chosen on 12 helpful/rude answer pairs (12/12 ranked right; the first wording, which named "the question"
+# on both sides, got 11/12 and ranked a rude answer that mentions "question" first).
+DEFAULT_POSITIVE = "A kind, cheerful, helpful response with useful information."
+DEFAULT_NEGATIVE = "A rude, dismissive, insulting response that refuses to help."
 
 
 class WorkerSettings(BaseSettings):
