@@ -244,15 +244,19 @@ def hardware_info() -> dict[str, Any]:
     import platform
 
     cpu_model = platform.processor() or platform.machine()
+    flags: set[str] = set()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
             for line in cpuinfo:
                 if line.startswith("model name"):
                     cpu_model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
                     break
     except OSError:
         pass
-    return {"cpu_model": cpu_model, "cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
+    return {"cpu_model": cpu_model, "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
+            "cpu_bf16": bool(flags & {"avx512_bf16", "amx_bf16"}), "load_avg_1m": os.getloadavg()[0]}
 
 
 def format_report(report: dict[str, Any], args: argparse.Namespace) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import pathlib
 import statistics
 from typing import Any
@@ -141,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
                                        "dtype": args.dtype})
         report["hardware"]["worker_processes"] = args.workers
         report["hardware"]["threads_per_worker"] = max(1, threads // args.workers)
+    report["hardware"]["load_avg_1m_end"] = os.getloadavg()[0]  # other work on the host skews timings
     for mode, mode_runs in runs.items():
         report[mode] = median_run(mode_runs)
         report[mode]["runs_samples_per_s"] = [run["samples_per_s"] for run in mode_runs]
@@ -179,7 +181,7 @@ def summarize(done_s: list[float], wall_s: float, num_samples: int, num_tokens: 
 def format_report(report: dict[str, Any]) -> str:
     hardware = report.get("hardware", {})
     title = (f"throughput: {report['num_prompts']} prompts x budget {report['budget']} x {report['max_new_tokens']} "
-             f"new tokens; {hardware.get('cpu_model', '?')}, {hardware.get('threads', '?')} threads, "
+             f"new tokens; {hardware.get('cpu_model', '?')}, threads={hardware.get('threads', '?')}, "
              f"{hardware.get('dtype', '?')} on {hardware.get('device', '?')}")
     lines = [title]
     for key, label in (("engine_over_hf", "engine / hf_loop"), ("middleware_over_engine", "middleware / engine")):
@@ -229,7 +231,7 @@ def write_plot(report: dict[str, Any], path: pathlib.Path) -> None:
     ax_latency.legend()
     hardware = report.get("hardware", {})
     fig.suptitle(f"{report['num_prompts']} prompts x N={report['budget']} x {report['max_new_tokens']} tokens — "
-                 f"{hardware.get('cpu_model', '')}, {hardware.get('threads', '?')} threads, {hardware.get('dtype', '')}",
+                 f"{hardware.get('cpu_model', '')}, threads={hardware.get('threads', '?')}, {hardware.get('dtype', '')}",
                  fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
