@@ -53,6 +53,7 @@ class AispConfig:
     horizon_tokens: int | None = None  # τ, perturbed tokens; None: max_new_tokens
     standardize_rewards: bool = True  # z-score rewards within each iteration before dividing by λ
     max_u_norm: float | None = 0.3  # cap on ‖u_t‖ relative to mean ‖z‖ (absolute if sigma is); None: no cap
+    sigma_decay: float = 1.0  # σ of iteration j is sigma · sigma_decay**j (< 1: explore, then refine)
 
     def validate(self) -> None:
         if self.num_rollouts < 1 or self.num_iterations < 1:
@@ -63,6 +64,8 @@ class AispConfig:
             raise ValueError("alpha must be in [0, 1]")
         if self.horizon_tokens is not None and self.horizon_tokens < 0:
             raise ValueError("horizon_tokens must be >= 0")
+        if not self.sigma_decay > 0:
+            raise ValueError("sigma_decay must be > 0")
         if self.max_u_norm is not None and self.max_u_norm < 0:
             raise ValueError("max_u_norm must be >= 0")
 
@@ -174,7 +177,7 @@ class _Chain:
     generator: torch.Generator
     prompt_ids: list[int] = field(default_factory=list)
     mean: torch.Tensor | None = None  # U (τ, d), float32 on CPU
-    sigma_abs: float = 0.0
+    sigma_abs: float = 0.0  # σ of the current iteration, absolute
     max_norm_abs: float | None = None
     result: AispResult | None = None
 
@@ -380,6 +383,7 @@ def _run_group(policy: Any, reward: Any, chains: list[_Chain], state: PrelogitPe
                 sigma=chain.sigma_abs, lam=chain.config.lam, alpha=chain.config.alpha,
                 standardize=chain.config.standardize_rewards, max_norm=chain.max_norm_abs)
             chain.mean = new_mean[0].float()
+            chain.sigma_abs *= chain.config.sigma_decay
             result.ess.append(float(ess[0]))
             result.iteration_mean.append(sum(rewards) / len(rewards))
             result.iteration_best.append(max(rewards))
@@ -408,6 +412,7 @@ def run_aisp(policy: Policy, reward: RewardModel, requests: Sequence[AispRequest
     """
     if max_batch < 1:
         raise ValueError("max_batch must be >= 1")
+    config.validate()
     chains = [_new_chain(request, config) for request in requests]
     runnable = []
     for chain in chains:

@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--horizon", type=int, default=None, help="τ, perturbed tokens (default: max new tokens)")
     parser.add_argument("--max-u-norm", type=float, default=0.3,
                         help="cap on ‖u_t‖ relative to the pre-logit norm; 0: no cap (default 0.3)")
+    parser.add_argument("--sigma-decay", type=float, default=1.0,
+                        help="σ of iteration j is sigma · decay^j (default 1: constant)")
     parser.add_argument("--no-standardize", action="store_true", help="use raw rewards / λ, not z-scores")
     parser.add_argument("--sweep", action="store_true", help="also run AISP over a grid of σ and λ")
     parser.add_argument("--sweep-sigmas", default=DEFAULT_SWEEP_SIGMAS, help=f"(default {DEFAULT_SWEEP_SIGMAS})")
@@ -202,7 +204,7 @@ def _run_aisp_seeds(models: _Models, items: list[dict[str, Any]], args: argparse
     config = AispConfig(num_rollouts=args.n, num_iterations=args.k, sigma=sigma,
                         sigma_is_relative=not args.sigma_absolute, lam=lam, alpha=args.alpha,
                         horizon_tokens=args.horizon, standardize_rewards=not args.no_standardize,
-                        max_u_norm=args.max_u_norm or None)
+                        max_u_norm=args.max_u_norm or None, sigma_decay=args.sigma_decay)
     runs: list[list[float]] = []
     iteration_means: list[list[float]] = []
     ess: list[list[float]] = []
@@ -234,8 +236,8 @@ def _raise_errors(results: Sequence[Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     if min(args.n, args.k, args.seeds, args.max_new_tokens, args.max_batch) < 1 or args.threads < 0:
         raise UsageError("--n, --k, --seeds, --max-new-tokens and --max-batch must be >= 1, --threads >= 0")
-    if args.sigma <= 0 or args.lam <= 0 or not 0 <= args.alpha <= 1 or args.max_u_norm < 0:
-        raise UsageError("--sigma and --lam must be > 0, --alpha in [0, 1], --max-u-norm >= 0")
+    if min(args.sigma, args.lam, args.sigma_decay) <= 0 or not 0 <= args.alpha <= 1 or args.max_u_norm < 0:
+        raise UsageError("--sigma, --lam and --sigma-decay must be > 0, --alpha in [0, 1], --max-u-norm >= 0")
     if args.num_prompts is not None and args.num_prompts < 1:
         raise UsageError("--num-prompts must be >= 1")
     items = load_prompts(args.prompts, args.num_prompts)
@@ -257,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
         "model": models.policy.name, "reward": args.reward or "embedding (MiniLM preference)",
         "config": {"sigma": args.sigma, "sigma_is_relative": not args.sigma_absolute, "lam": args.lam,
                    "alpha": args.alpha, "horizon_tokens": args.horizon, "max_u_norm": args.max_u_norm or None,
-                   "standardize_rewards": not args.no_standardize},
+                   "standardize_rewards": not args.no_standardize, "sigma_decay": args.sigma_decay},
         "greedy_mean": statistics.fmean(greedy_rewards),
         **summarize(aisp_runs, bon_runs, n, k),
         "aisp_best_mean_by_seed": _per_seed_best(aisp_runs, len(items)),

@@ -222,3 +222,13 @@ def test_bench_cli_bad_prompts_file(tmp_path: pathlib.Path, capsys: pytest.Captu
             main(argv)
         assert exit_info.value.code == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_sigma_decay_shrinks_exploration(llama: Policy) -> None:
+    config = AispConfig(num_rollouts=4, sigma=1.0, sigma_decay=1e-9)
+    [result] = run_aisp(llama, DistinctWords(), [AispRequest("a", PROMPTS[0], budget=8, max_new_tokens=6)], config)
+    first, second = result.samples[:4], result.samples[4:]
+    assert len({s.text for s in first}) > 1  # σ = ‖z‖ explores
+    assert len({s.text for s in second}) == 1  # σ ≈ 0: every rollout decodes U itself
+    with pytest.raises(ValueError, match="sigma_decay"):
+        run_aisp(llama, DistinctWords(), [], AispConfig(sigma_decay=0.0))
