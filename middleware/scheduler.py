@@ -155,13 +155,16 @@ class Scheduler:
 
     async def _cleanup(self) -> None:
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.delete(self.keys.heartbeat("scheduler", self.scheduler_id))
-                if not self.core.num_in_flight:
-                    pipe.delete(self._samples_stream)
-                    pipe.xgroup_delconsumer(self.keys.requests, SCHEDULER_GROUP, self.scheduler_id)
-                await pipe.execute(raise_on_error=False)
-        except REDIS_ERRORS as e:
+            await self.redis.delete(self.keys.heartbeat("scheduler", self.scheduler_id))
+            if not self.core.num_in_flight:
+                await self.redis.delete(self._samples_stream)
+                # Deleting a consumer drops its pending entries: only when it holds none (e.g. an entry
+                # read during the drain but not taken stays, for another scheduler to reclaim).
+                held = await self.redis.xpending_range(self.keys.requests, SCHEDULER_GROUP, min="-", max="+",
+                                                       count=1, consumername=self.scheduler_id)
+                if not held:
+                    await self.redis.xgroup_delconsumer(self.keys.requests, SCHEDULER_GROUP, self.scheduler_id)
+        except (*REDIS_ERRORS, ResponseError) as e:
             logger.warning("cleanup failed scheduler_id=%s: %s", self.scheduler_id, e)
         if self._owns_redis:
             await self.redis.aclose()

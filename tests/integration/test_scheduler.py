@@ -362,6 +362,8 @@ async def test_graceful_shutdown_finishes_in_flight_work(redis: aioredis.Redis) 
         tg.cancel_scope.cancel()
     assert all(r.status == ResultStatus.OK for r in results)
     assert await redis.exists(KEYS.result(late)) == 0 and await redis.zscore(KEYS.pending_requests, late)
+    (group,) = await redis.xinfo_groups(KEYS.requests)
+    assert group["pending"] + group["lag"] == 1  # the late request waits for another scheduler, not lost
     assert not math.isnan(results[0].reward)
 
 
