@@ -420,19 +420,21 @@ class Client:
         return datas, scores
 
     async def request_state(self, request_id: str) -> str:
-        """'answered', 'alive' (pending or has events), or 'missing' (unknown, lost or expired)."""
+        """'answered', 'alive' (pending), or 'missing' (unknown, lost or expired)."""
         return await self._with_reconnect(lambda: self._request_state(request_id))
 
     async def _request_state(self, request_id: str) -> str:
         """One MULTI snapshot of the keys that say where the request is."""
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.exists(self.keys.result(request_id))
-            pipe.exists(self.keys.events(request_id))
             pipe.zscore(self.keys.pending_requests, request_id)
-            has_result, has_events, pending_score = await pipe.execute()
+            has_result, pending_score = await pipe.execute()
         if has_result:
             return "answered"
-        if has_events or pending_score is not None:
+        # Only the pending set says "accepted, not answered": events alone do not keep a request alive,
+        # since a scheduler may republish events of a request Redis lost (restart without persistence)
+        # and then drop it, which would leave its waiters hanging.
+        if pending_score is not None:
             return "alive"
         return "missing"
 
