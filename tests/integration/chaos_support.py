@@ -153,10 +153,14 @@ class Fleet:
         service = self.services[slot]
         if service.process.poll() is not None:
             return False
-        try:
-            return bool(self._redis.exists(KEYS.heartbeat(service.role, service.instance_id)))
-        except redis.RedisError:
-            return False
+        for _ in range(2):  # the first call after a Redis restart meets a dead connection
+            try:
+                return bool(self._redis.exists(KEYS.heartbeat(service.role, service.instance_id)))
+            except redis.ConnectionError:
+                continue
+            except redis.RedisError:
+                return False
+        return False
 
     def ready(self, role: str) -> list[str]:
         return [slot for slot, s in self.services.items() if s.role == role and self.is_ready(slot)]
