@@ -46,6 +46,11 @@ return kept
 """
 
 
+def _is_stream_gone(error: ResponseError) -> bool:
+    """NOGROUP (Redis restarted, or the stream was deleted) or UNBLOCKED (deleted while we blocked on it)."""
+    return any(code in str(error) for code in ("NOGROUP", "UNBLOCKED"))
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -95,9 +100,9 @@ class JobConsumer:
         try:
             return await self._read(count=count, block_ms=block_ms)
         except ResponseError as e:
-            if "NOGROUP" not in str(e):
+            if not _is_stream_gone(e):
                 raise
-            logger.warning("group missing (Redis restarted?), recreating stream=%s group=%s", self.stream, self.group)
+            logger.warning("stream or group gone (%s), recreating stream=%s group=%s", e, self.stream, self.group)
             await self.ensure_group()
             self._own_cursor = "0"
             return []
@@ -120,7 +125,7 @@ class JobConsumer:
             reply = await self.redis.xautoclaim(self.stream, self.group, self.consumer, min_idle_time=min_idle_ms,
                                                 start_id=self._claim_cursor, count=count)
         except ResponseError as e:
-            if "NOGROUP" not in str(e):
+            if not _is_stream_gone(e):
                 raise
             await self.ensure_group()
             return []
@@ -147,7 +152,12 @@ class JobConsumer:
         async with self.redis.pipeline(transaction=False) as pipe:
             for entry_id in entry_ids:
                 pipe.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
-            replies = await pipe.execute()
+            try:
+                replies = await pipe.execute()
+            except ResponseError as e:
+                if not _is_stream_gone(e):
+                    raise
+                return {}  # the group is gone, and with it every pending entry
         return {entry_id: int(reply[0]["times_delivered"]) for entry_id, reply in zip(entry_ids, replies) if reply}
 
 
@@ -167,7 +177,18 @@ async def publish_replies(redis: Any, keys: Keys, replies: Sequence[tuple[str, J
                 pipe.hset(kept, mapping={str(s.index): encode(s) for s in sample_set.samples})
                 pipe.expire(kept, KEPT_SAMPLES_TTL_S)
             pipe.xack(keys.jobs, WORKER_GROUP, entry_id)
-        await pipe.execute()
+        _check(await pipe.execute(raise_on_error=False))
+
+
+def _check(results: Sequence[Any]) -> None:
+    """Raise the first error of a MULTI/EXEC, except NOGROUP from XACK: Redis lost the job stream
+    (a restart without persistence) after we read the job, so there is nothing left to acknowledge,
+    and the replies beside the XACK were still written (EXEC does not roll back)."""
+    for result in results:
+        if isinstance(result, ResponseError) and not _is_stream_gone(result):
+            raise result
+    if any(isinstance(result, ResponseError) for result in results):
+        logger.warning("job stream gone before XACK (Redis restarted?); replies were published")
 
 
 async def dead_letter(redis: Any, keys: Keys, *, entry_id: str, reason: str, payload: bytes | None,
@@ -182,7 +203,7 @@ async def dead_letter(redis: Any, keys: Keys, *, entry_id: str, reason: str, pay
             pipe.xadd(keys.samples(scheduler_id), {PAYLOAD_FIELD: encode(sample_set)}, maxlen=SAMPLES_MAXLEN,
                       approximate=True)
         pipe.xack(keys.jobs, WORKER_GROUP, entry_id)
-        await pipe.execute()
+        _check(await pipe.execute(raise_on_error=False))
     logger.warning("dead-lettered stream=%s entry_id=%s request_id=%s reason=%s", keys.jobs, entry_id, request_id,
                    reason)
 

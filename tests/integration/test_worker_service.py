@@ -174,6 +174,11 @@ async def test_bad_input_is_answered_or_dead_lettered_and_the_worker_keeps_servi
         await push(redis, make_job("r-after"))
         after = await replies(redis, 5)
         assert after[-1].request_id == "r-after" and after[-1].error is None
+        await anyio.sleep(0.1)
+        await redis.delete(KEYS.jobs)  # under the worker's blocked XREADGROUP (UNBLOCKED), group and all
+        await anyio.sleep(0.1)
+        await push(redis, make_job("r-recreated"))
+        assert (await replies(redis, 6))[-1].request_id == "r-recreated"
     assert await num_pending(redis) == 0
     assert not await redis.exists(KEYS.kept_samples("r-nan"))
 
@@ -234,25 +239,28 @@ async def test_restarted_worker_takes_its_own_pending_jobs_first(redis, redis_ur
     assert reply.request_id == "r-mine" and reply.error is None and await num_pending(redis) == 0
 
 
-async def test_worker_keeps_serving_across_a_redis_restart(tiny_llama_dir):
+async def test_worker_keeps_serving_across_a_redis_restart(tiny_llama_dir, monkeypatch):
     from middleware.embedded_redis import EmbeddedRedis
 
+    monkeypatch.setenv("NAN_SCORER_SLEEP", "1")
     server = EmbeddedRedis()
     url = server.start()
     redis = aioredis.Redis.from_url(url)
     try:
         async with running(make_settings(url, tiny_llama_dir)) as worker:
-            await push(redis, make_job("r-before"))
-            assert (await replies(redis, 1, timeout_s=20))[0].request_id == "r-before"
-            server.stop()  # no persistence: the stream and its group are gone
-            await anyio.sleep(0.5)
+            await push(redis, make_job("r-before", metadata={"sleep_s": 1.5}))
+            await wait_held_by(redis, "w1")
+            server.stop()  # mid-job, no persistence: the stream and its group are gone
+            await anyio.sleep(0.3)
             server = EmbeddedRedis(port=server.port)
             server.start()
             with pytest.raises(aioredis.ConnectionError):  # the test's own pooled connection is stale
                 await redis.ping()
+            [before] = await replies(redis, 1, timeout_s=30)  # published once Redis was back
             await push(redis, make_job("r-after"))
-            [reply] = await replies(redis, 1, timeout_s=30)
-        assert reply.request_id == "r-after" and reply.error is None and worker.stats.num_jobs_done == 2
+            [_, after] = await replies(redis, 2, timeout_s=30)
+        assert before.request_id == "r-before" and before.error is None and len(before.samples) == 3
+        assert after.request_id == "r-after" and after.error is None and worker.stats.num_jobs_done == 2
     finally:
         await redis.aclose()
         server.stop()
@@ -282,13 +290,15 @@ async def test_auto_threads_split_the_cores_between_the_workers_on_a_host(redis,
         torch.set_num_threads(1)
 
 
-def start_worker_process(redis_url: str, model_dir: pathlib.Path, worker_id: str, **env: str) -> subprocess.Popen:
+def start_worker_process(redis_url: str, model_dir: pathlib.Path, worker_id: str, *, command: list[str] | None = None,
+                         **env: str) -> subprocess.Popen:
+    """A worker in its own process: ``python -m workers`` unless ``command`` says otherwise."""
     environment = {**os.environ, "ALIGNQ_REDIS_URL": redis_url, "ALIGNQ_MODEL": str(model_dir),
                    "ALIGNQ_REWARD_MODEL": "python:nan_scorer:score_batch", "ALIGNQ_DEVICE": "cpu",
                    "ALIGNQ_DTYPE": "float32", "ALIGNQ_NUM_THREADS": "1", "ALIGNQ_CLAIM_IDLE_MS": "1000",
                    "ALIGNQ_HEARTBEAT_MS": "200", "ALIGNQ_WORKER_ID": worker_id, "NAN_SCORER_SLEEP": "1",
                    "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")]), **env}
-    return subprocess.Popen([sys.executable, "-m", "workers"], cwd=ROOT, env=environment,
+    return subprocess.Popen(command or [sys.executable, "-m", "workers"], cwd=ROOT, env=environment,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -325,7 +335,10 @@ async def test_sigkilled_workers_job_is_reclaimed_and_completed_by_another(redis
 
 
 async def test_sigterm_finishes_the_batch_in_flight_hands_back_the_rest_and_exits_0(redis, redis_url, tiny_llama_dir):
-    process = start_worker_process(redis_url, tiny_llama_dir, "w-term", ALIGNQ_MAX_BATCH_JOBS="1")
+    from middleware.cli.services import alignq_command
+
+    process = start_worker_process(redis_url, tiny_llama_dir, "w-term", command=alignq_command("-v", "worker"),
+                                   ALIGNQ_MAX_BATCH_JOBS="1")  # `alignq worker`, as compose runs it
     try:
         await wait_ready(redis, "w-term", process)
         first, second = make_job("r-first", metadata={"sleep_s": 2}), make_job("r-second")
