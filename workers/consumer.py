@@ -102,28 +102,32 @@ class JobConsumer:
         except ResponseError as e:
             if not _is_stream_gone(e):
                 raise
-            logger.warning("stream or group gone (%s), recreating stream=%s group=%s", e, self.stream, self.group)
+            logger.warning("stream or group gone (%s), recreating stream=%s group=%s", e, self.stream,
+                           self.group)
             await self.ensure_group()
             self._own_cursor = "0"
             return []
 
     async def _read(self, *, count: int, block_ms: int | None) -> list[StreamEntry]:
         if self._own_cursor is not None:
-            reply = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: self._own_cursor}, count=count)
+            reply = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: self._own_cursor},
+                                                count=count)
             entries = _entries(reply[0][1], is_redelivery=True) if reply else []
             if entries:
                 self._own_cursor = entries[-1].entry_id
                 return [e for e in entries if e.fields]  # an empty entry was deleted from the stream
             self._own_cursor = None
         block = None if block_ms is None else max(1, block_ms)
-        reply = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count, block=block)
+        reply = await self.redis.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count,
+                                            block=block)
         return _entries(reply[0][1], is_redelivery=False) if reply else []
 
     async def claim_stale(self, *, min_idle_ms: int, count: int) -> list[StreamEntry]:
         """Take over entries idle longer than ``min_idle_ms`` (their worker died). Resumable scan."""
         try:
-            reply = await self.redis.xautoclaim(self.stream, self.group, self.consumer, min_idle_time=min_idle_ms,
-                                                start_id=self._claim_cursor, count=count)
+            reply = await self.redis.xautoclaim(self.stream, self.group, self.consumer,
+                                                min_idle_time=min_idle_ms, start_id=self._claim_cursor,
+                                                count=count)
         except ResponseError as e:
             if not _is_stream_gone(e):
                 raise
@@ -158,7 +162,8 @@ class JobConsumer:
                 if not _is_stream_gone(e):
                     raise
                 return {}  # the group is gone, and with it every pending entry
-        return {entry_id: int(reply[0]["times_delivered"]) for entry_id, reply in zip(entry_ids, replies) if reply}
+        return {entry_id: int(reply[0]["times_delivered"])
+                for entry_id, reply in zip(entry_ids, replies) if reply}
 
 
 async def publish_replies(redis: Any, keys: Keys, replies: Sequence[tuple[str, Job, SampleSet]]) -> None:
@@ -170,8 +175,8 @@ async def publish_replies(redis: Any, keys: Keys, replies: Sequence[tuple[str, J
         return
     async with redis.pipeline(transaction=True) as pipe:
         for entry_id, job, sample_set in replies:
-            pipe.xadd(keys.samples(job.scheduler_id), {PAYLOAD_FIELD: encode(sample_set)}, maxlen=SAMPLES_MAXLEN,
-                      approximate=True)
+            pipe.xadd(keys.samples(job.scheduler_id), {PAYLOAD_FIELD: encode(sample_set)},
+                      maxlen=SAMPLES_MAXLEN, approximate=True)
             if sample_set.samples:
                 kept = keys.kept_samples(job.request_id)
                 pipe.hset(kept, mapping={str(s.index): encode(s) for s in sample_set.samples})
@@ -193,19 +198,21 @@ def _check(results: Sequence[Any]) -> None:
 
 async def dead_letter(redis: Any, keys: Keys, *, entry_id: str, reason: str, payload: bytes | None,
                       request_id: str | None = None, reply: tuple[str, SampleSet] | None = None) -> None:
-    """XADD a DeadLetter with the reason, the error reply (scheduler_id, SampleSet) if any, and XACK; one MULTI."""
+    """XADD a DeadLetter with the reason, the error reply (scheduler_id, SampleSet) if any, and XACK: one
+    MULTI/EXEC."""
     letter = DeadLetter(source_stream=keys.jobs, entry_id=entry_id, reason=reason[:4000],
                         payload=(payload or b"")[:65_536], request_id=request_id)
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.xadd(keys.dead_letters, {PAYLOAD_FIELD: encode(letter)}, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
+        pipe.xadd(keys.dead_letters, {PAYLOAD_FIELD: encode(letter)}, maxlen=DEAD_LETTER_MAXLEN,
+                  approximate=True)
         if reply is not None:
             scheduler_id, sample_set = reply
             pipe.xadd(keys.samples(scheduler_id), {PAYLOAD_FIELD: encode(sample_set)}, maxlen=SAMPLES_MAXLEN,
                       approximate=True)
         pipe.xack(keys.jobs, WORKER_GROUP, entry_id)
         _check(await pipe.execute(raise_on_error=False))
-    logger.warning("dead-lettered stream=%s entry_id=%s request_id=%s reason=%s", keys.jobs, entry_id, request_id,
-                   reason)
+    logger.warning("dead-lettered stream=%s entry_id=%s request_id=%s reason=%s", keys.jobs, entry_id,
+                   request_id, reason)
 
 
 async def count_workers_on_host(redis: Any, keys: Keys, hostname: str, worker_id: str) -> int:

@@ -17,8 +17,8 @@ from typing import Any
 from schemas import AispParams, ErrorCode, ErrorInfo, Job, JobKind, Sample, SampleSet, SchemaError, decode_raw
 from workers.engine import Engine, GenerationRequest, GenerationResult
 
-__all__ = ["BatchRunner", "HeldJob", "aisp_config", "error_sample_set", "expired_reply", "salvage_error_reply", "take_batch",
-           "to_generation_request"]
+__all__ = ["BatchRunner", "HeldJob", "aisp_config", "error_sample_set", "expired_reply",
+           "salvage_error_reply", "take_batch", "to_generation_request"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,14 +68,16 @@ def expired_reply(job: Job, worker_id: str, now_ms: int) -> SampleSet:
                             f"job deadline passed {late_ms} ms before it could start; not generated")
 
 
-def salvage_error_reply(payload: bytes | None, worker_id: str, error: Exception) -> tuple[str, SampleSet] | None:
+def salvage_error_reply(payload: bytes | None, worker_id: str,
+                        error: Exception) -> tuple[str, SampleSet] | None:
     """(scheduler_id, error SampleSet) for a job that failed validation but still names its scheduler,
     request, job id and kind, so its scheduler hears of it; None when nothing is identifiable."""
     try:
         raw = decode_raw(payload or b"")
+        message = f"job rejected by worker: {error}"[:MAX_ERROR_CHARS]
         reply = SampleSet(job_id=str(raw["job_id"]), request_id=raw["request_id"], worker_id=worker_id,
                           kind=JobKind(raw["kind"]),
-                          error=ErrorInfo(code=ErrorCode.INTERNAL, message=f"job rejected by worker: {error}"[:4000]))
+                          error=ErrorInfo(code=ErrorCode.INTERNAL, message=message))
         return str(raw["scheduler_id"]), reply
     except (SchemaError, KeyError, TypeError, ValueError):  # pydantic's ValidationError is a ValueError
         return None
@@ -108,12 +110,13 @@ def _samples(offset: int, generated: Sequence[Any]) -> list[Sample]:
 
 def sample_set_from_generation(job: Job, result: GenerationResult, worker_id: str) -> SampleSet:
     if result.error is not None:  # rewards are NaN: no sample of this job is usable
+        error = ErrorInfo(code=ErrorCode.REWARD_FAILED, message=result.error[:MAX_ERROR_CHARS])
         return SampleSet(job_id=job.job_id, request_id=job.request_id, worker_id=worker_id, kind=job.kind,
-                         generate_s=result.generate_s, score_s=result.score_s,
-                         error=ErrorInfo(code=ErrorCode.REWARD_FAILED, message=result.error[:MAX_ERROR_CHARS]))
+                         generate_s=result.generate_s, score_s=result.score_s, error=error)
     # the engine already numbers samples sample_offset + i
     return SampleSet(job_id=job.job_id, request_id=job.request_id, worker_id=worker_id, kind=job.kind,
-                     samples=_samples(0, result.samples), generate_s=result.generate_s, score_s=result.score_s)
+                     samples=_samples(0, result.samples), generate_s=result.generate_s,
+                     score_s=result.score_s)
 
 
 def sample_set_from_aisp(job: Job, result: Any, worker_id: str) -> SampleSet:
@@ -132,7 +135,8 @@ def sample_set_from_aisp(job: Job, result: Any, worker_id: str) -> SampleSet:
 class BatchRunner:
     """Runs batches of jobs on one loaded policy and reward model. Call from one thread at a time."""
 
-    def __init__(self, policy: Any, reward: Any, *, worker_id: str, max_batch: int, aisp_defaults: Any = None) -> None:
+    def __init__(self, policy: Any, reward: Any, *, worker_id: str, max_batch: int,
+                 aisp_defaults: Any = None) -> None:
         self.policy = policy
         self.reward = reward
         self.worker_id = worker_id
@@ -150,7 +154,8 @@ class BatchRunner:
         except Exception as e:  # never lose a job: every job gets an answer below
             if len(jobs) == 1:
                 logger.exception("job failed job_id=%s", jobs[0].job_id)
-                return [error_sample_set(jobs[0], self.worker_id, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")]
+                message = f"{type(e).__name__}: {e}"
+                return [error_sample_set(jobs[0], self.worker_id, ErrorCode.INTERNAL, message)]
             logger.exception("batch of %d jobs failed; retrying them one by one", len(jobs))
         return [self.run([job])[0] for job in jobs]
 

@@ -69,7 +69,7 @@ REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 SOCKET_TIMEOUT_S = 10.0  # every Redis call is bounded; blocking reads use far less
 READ_BLOCK_MS = 500
 MAX_BACKOFF_S = 5.0
-PUBLISH_GIVE_UP_S = 30.0  # after the grace period, a shielded publish stops retrying (the jobs stay for reclaim)
+PUBLISH_GIVE_UP_S = 30.0  # after the grace period a shielded publish stops retrying (jobs stay for reclaim)
 THREAD_CHECK_S = 5.0  # how often an auto-threaded worker recounts the workers on its host
 LOADING_TTL_MS = 120_000  # a worker still loading its models counts towards its host's workers this long
 
@@ -93,7 +93,8 @@ class Worker:
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self.hostname = socket.gethostname()
-        self.worker_id = worker_id or settings.worker_id or f"{self.hostname}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        default_id = f"{self.hostname}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.worker_id = worker_id or settings.worker_id or default_id
         self._owns_redis = redis is None
         self.redis = redis or aioredis.Redis.from_url(settings.redis_url, socket_timeout=SOCKET_TIMEOUT_S,
                                                       socket_connect_timeout=SOCKET_TIMEOUT_S)
@@ -117,7 +118,8 @@ class Worker:
             await self._load_models()
             await self._retry("heartbeat", self._beat)
             logger.info("worker ready worker_id=%s threads=%d max_batch_jobs=%d max_batch_samples=%d",
-                        self.worker_id, self.num_threads, self.settings.max_batch_jobs, self.max_batch_samples)
+                        self.worker_id, self.num_threads, self.settings.max_batch_jobs,
+                        self.max_batch_samples)
             if ready is not None:
                 ready.set()
             done = {name: anyio.Event() for name in ("intake", "reclaim", "runner")}
@@ -164,7 +166,8 @@ class Worker:
         from workers.models import configure_threads
 
         loading_key = self.keys.heartbeat("worker-loading", self.worker_id)
-        await self._retry("register", lambda: self.redis.set(loading_key, self._heartbeat_value(), px=LOADING_TTL_MS))
+        value = self._heartbeat_value()
+        await self._retry("register", lambda: self.redis.set(loading_key, value, px=LOADING_TTL_MS))
         self.num_threads = configure_threads(self.settings.num_threads, await self._workers_on_host())
         started = time.perf_counter()
         self.runner = await anyio.to_thread.run_sync(self._build_runner)
@@ -177,7 +180,8 @@ class Worker:
 
         s = self.settings
         policy = load_policy(s.model, device=s.device, dtype=s.dtype, cache_dir=s.cache_dir)
-        reward = load_reward(s.reward_model, device=s.device, positive=s.reward_positive, negative=s.reward_negative)
+        reward = load_reward(s.reward_model, device=s.device, positive=s.reward_positive,
+                             negative=s.reward_negative)
         try:
             from workers.aisp import AispConfig
 
@@ -202,7 +206,8 @@ class Worker:
                 count=room, block_ms=READ_BLOCK_MS))
             while entries and len(entries) < room:  # a burst: take what is already waiting, without blocking
                 missing = room - len(entries)
-                more = await self._retry("read jobs", lambda n=missing: self.consumer.read(count=n, block_ms=None))
+                more = await self._retry("read jobs", lambda n=missing: self.consumer.read(count=n,
+                                                                                         block_ms=None))
                 if not more:
                     break
                 entries += more
@@ -230,7 +235,8 @@ class Worker:
             if not self.queue:
                 await self._wait_queue_change(READ_BLOCK_MS / 1000)
                 continue
-            batch = take_batch(self.queue, max_jobs=self.settings.max_batch_jobs, max_samples=self.max_batch_samples)
+            batch = take_batch(self.queue, max_jobs=self.settings.max_batch_jobs,
+                               max_samples=self.max_batch_samples)
             self._notify()  # room for intake
             batch = await self._answer_expired(batch)
             if batch:
@@ -289,7 +295,8 @@ class Worker:
                     raise SchemaError(f"entry has no {b'm'!r} field")
                 job = decode(Job, payload)
             except SchemaError as e:
-                await self._dead_letter(entry, f"undecodable job: {e}", payload, reply=salvage_error_reply(payload, self.worker_id, e))
+                salvaged = salvage_error_reply(payload, self.worker_id, e)
+                await self._dead_letter(entry, f"undecodable job: {e}", payload, reply=salvaged)
                 continue
             if delivery_count > self.settings.max_deliveries:
                 reason = f"delivered {delivery_count} times (max_deliveries={self.settings.max_deliveries})"
@@ -305,7 +312,8 @@ class Worker:
             admitted += 1
         if expired:
             self.stats.num_expired += len(expired)
-            logger.info("dropped %d expired jobs before generation worker_id=%s", len(expired), self.worker_id)
+            logger.info("dropped %d expired jobs before generation worker_id=%s", len(expired),
+                        self.worker_id)
             await self._publish(expired)
         if admitted:
             self._notify()
@@ -323,9 +331,9 @@ class Worker:
 
     async def _dead_letter(self, entry: StreamEntry, reason: str, payload: bytes | None, *,
                            request_id: str | None = None, reply: tuple[str, SampleSet] | None = None) -> None:
-        await self._retry("dead letter", lambda: dead_letter(self.redis, self.keys, entry_id=entry.entry_id,
-                                                             reason=reason, payload=payload, request_id=request_id,
-                                                             reply=reply))
+        await self._retry("dead letter", lambda: dead_letter(
+            self.redis, self.keys, entry_id=entry.entry_id, reason=reason, payload=payload,
+            request_id=request_id, reply=reply))
         self.stats.num_dead_letters += 1
 
     async def _publish(self, replies: list[tuple[str, Job, SampleSet]]) -> bool:
@@ -349,13 +357,14 @@ class Worker:
         self.stats.num_jobs_done += len(replies)
         for _, job, reply in replies:
             if reply.error is not None:
-                logger.info("job answered with error job_id=%s request_id=%s code=%s", job.job_id, job.request_id,
-                            reply.error.code)
+                logger.info("job answered with error job_id=%s request_id=%s code=%s", job.job_id,
+                            job.request_id, reply.error.code)
         return True
 
     async def _beat(self) -> None:
         ttl_ms = 3 * self.settings.heartbeat_ms
-        await self.redis.set(self.keys.heartbeat("worker", self.worker_id), self._heartbeat_value(), px=ttl_ms)
+        key = self.keys.heartbeat("worker", self.worker_id)
+        await self.redis.set(key, self._heartbeat_value(), px=ttl_ms)
         await self._renew_leases()
 
     async def _renew_leases(self) -> None:
@@ -375,12 +384,12 @@ class Worker:
             logger.warning("lost the lease on %d queued jobs worker_id=%s", len(lost), self.worker_id)
         lost_in_flight = [h.job.job_id for h in self.in_flight if h.entry_id not in still_ours]
         if lost_in_flight:
-            logger.info("lost the lease on in-flight jobs %s (their replies are deduplicated)", lost_in_flight)
+            logger.info("lost the lease on in-flight jobs %s (replies are deduplicated)", lost_in_flight)
 
     def _heartbeat_value(self) -> str:
         return json.dumps({"worker_id": self.worker_id, "host": self.hostname, "pid": os.getpid(),
-                           "threads": self.num_threads, "queued": len(self.queue), "in_flight": len(self.in_flight),
-                           "at_ms": now_ms(), **asdict(self.stats)})
+                           "threads": self.num_threads, "queued": len(self.queue),
+                           "in_flight": len(self.in_flight), "at_ms": now_ms(), **asdict(self.stats)})
 
     async def _rebalance_threads(self) -> None:
         wanted = max(1, (os.cpu_count() or 1) // await self._workers_on_host())
@@ -400,7 +409,8 @@ class Worker:
                 self.stats.num_handed_back += len(entry_ids)
                 logger.info("handed back %d queued jobs worker_id=%s", len(entry_ids), self.worker_id)
             except (*REDIS_ERRORS, ResponseError) as e:
-                logger.warning("could not hand back %d jobs (reclaimed after claim_idle_ms): %s", len(entry_ids), e)
+                logger.warning("could not hand back %d jobs (reclaimed after claim_idle_ms): %s",
+                               len(entry_ids), e)
 
     # -- helpers ----------------------------------------------------------------------------------
     def _room(self) -> int:
