@@ -131,8 +131,8 @@ def run(args: argparse.Namespace) -> int:
         if local is not None:
             threads = local.hardware["threads"]
             report["hardware"] = local.hardware
-        for _ in range(args.repeats):  # modes interleaved, so drifting load hits each alike
-            for mode in modes:
+        for repeat in range(args.repeats):  # interleaved, order alternating: drifting load hits each alike
+            for mode in (modes if repeat % 2 == 0 else modes[::-1]):
                 if mode == "middleware":
                     runs[mode].append(measure_middleware(prompts))
                 else:
@@ -152,6 +152,9 @@ def run(args: argparse.Namespace) -> int:
             ratios = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(runs[upper], runs[lower])]
             report[key] = statistics.median(ratios)
             report[f"{key}_runs"] = ratios
+            if all(a["cpu_s"] > 0 and b["cpu_s"] > 0 for a, b in zip(runs[upper], runs[lower])):
+                report[f"{key}_per_cpu_s"] = statistics.median(
+                    a["samples_per_cpu_s"] / b["samples_per_cpu_s"] for a, b in zip(runs[upper], runs[lower]))
     if args.plot is not None:
         write_plot(report, args.plot)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -164,10 +167,18 @@ def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
     return dict(ordered[(len(ordered) - 1) // 2])
 
 
-def summarize(done_s: list[float], wall_s: float, num_samples: int, num_tokens: int) -> dict[str, float]:
-    """Rates over the run's wall time and time-to-result percentiles (s) over prompts."""
+def summarize(done_s: list[float], wall_s: float, num_samples: int, num_tokens: int, *,
+              cpu_s: float = 0.0) -> dict[str, float]:
+    """Rates over the run's wall time, time-to-result percentiles (s) over prompts, and CPU time.
+
+    ``cpu_s``: CPU seconds the processes doing the work used (this one; for the middleware also the
+    scheduler and workers, Redis not counted). On a shared host, samples per CPU-second is the
+    number other processes disturb least.
+    """
     done_sorted = sorted(done_s)
     return {
+        "cpu_s": cpu_s,
+        "samples_per_cpu_s": num_samples / cpu_s if cpu_s > 0 else 0.0,
         "wall_s": wall_s,
         "num_samples": num_samples,
         "num_tokens": num_tokens,
@@ -187,13 +198,16 @@ def format_report(report: dict[str, Any]) -> str:
     for key, label in (("engine_over_hf", "engine / hf_loop"), ("middleware_over_engine", "middleware / engine")):
         if key in report:
             runs = ", ".join(f"{ratio:.2f}" for ratio in report[f"{key}_runs"])
-            lines.append(f"  {label:<20} {report[key]:.2f}x samples/s" + (f" (runs: {runs})" if report["repeats"] > 1 else ""))
-    lines.append(f"  {'mode':<12} {'samples/s':>10} {'tokens/s':>10} {'p50 s':>8} {'p95 s':>8} {'wall s':>8}")
+            line = f"  {label:<20} {report[key]:.2f}x samples/s" + (f" (runs: {runs})" if report["repeats"] > 1 else "")
+            if f"{key}_per_cpu_s" in report:
+                line += f"; {report[f'{key}_per_cpu_s']:.2f}x samples per CPU-second"
+            lines.append(line)
+    lines.append(f"  {'mode':<12} {'samples/s':>10} {'tokens/s':>10} {'p50 s':>8} {'p95 s':>8} {'wall s':>8} {'CPU s':>8}")
     for mode in MODES:
         if mode in report:
             row = report[mode]
             lines.append(f"  {mode:<12} {row['samples_per_s']:>10.2f} {row['tokens_per_s']:>10.1f} "
-                         f"{row['p50_s']:>8.2f} {row['p95_s']:>8.2f} {row['wall_s']:>8.2f}")
+                         f"{row['p50_s']:>8.2f} {row['p95_s']:>8.2f} {row['wall_s']:>8.2f} {row['cpu_s']:>8.2f}")
     return "\n".join(lines)
 
 

@@ -100,15 +100,15 @@ def run_hf_loop(local: LocalModels, prompts: list[Any], args: argparse.Namespace
                           **{**params, "max_new_tokens": WARMUP_NEW_TOKENS})
     done_s: list[float] = []
     num_tokens = 0
-    start_s = time.perf_counter()
+    start_cpu_s, start_s = time.process_time(), time.perf_counter()
     for index, prompt in enumerate(prompts):
         rewards, token_counts = hf_generate_and_score(local, prompt, budget=args.budget, seed=args.seed + index,
                                                       **params)
         assert len(rewards) == args.budget
         num_tokens += sum(token_counts)
         done_s.append(time.perf_counter() - start_s)
-    wall_s = time.perf_counter() - start_s
-    return summarize(done_s, wall_s, len(prompts) * args.budget, num_tokens)
+    wall_s, cpu_s = time.perf_counter() - start_s, time.process_time() - start_cpu_s
+    return summarize(done_s, wall_s, len(prompts) * args.budget, num_tokens, cpu_s=cpu_s)
 
 
 def run_engine(local: LocalModels, prompts: list[Any], args: argparse.Namespace) -> dict[str, float]:
@@ -123,16 +123,16 @@ def run_engine(local: LocalModels, prompts: list[Any], args: argparse.Namespace)
                 for index, prompt in enumerate(chosen)]
 
     engine.run(requests(WARMUP_BUDGET, WARMUP_NEW_TOKENS, prompts[:1]))
-    start_s = time.perf_counter()
+    start_cpu_s, start_s = time.process_time(), time.perf_counter()
     results = engine.run(requests(args.budget, args.max_new_tokens, prompts))
-    wall_s = time.perf_counter() - start_s
+    wall_s, cpu_s = time.perf_counter() - start_s, time.process_time() - start_cpu_s
     errors = [result.error for result in results if result.error]
     if errors:
         raise RuntimeError(f"engine: {len(errors)} requests failed, first: {errors[0]}")
     num_samples = sum(len(result.samples) for result in results)
     num_tokens = sum(sample.num_tokens for result in results for sample in result.samples)
     # Engine.run hands every result back at once: each prompt's time to result is the whole call.
-    summary = summarize([wall_s] * len(results), wall_s, num_samples, num_tokens)
+    summary = summarize([wall_s] * len(results), wall_s, num_samples, num_tokens, cpu_s=cpu_s)
     summary["generate_s"] = sum(result.generate_s for result in results)
     summary["score_s"] = sum(result.score_s for result in results)
     return summary
@@ -175,6 +175,15 @@ class ServiceProcess:
     def check_alive(self) -> None:
         if self.process.poll() is not None:
             raise RuntimeError(f"alignq {self.role} exited with {self.process.returncode}: {self.log_tail()}")
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system, all threads) the process used so far; 0 where /proc is missing."""
+        try:
+            with open(f"/proc/{self.process.pid}/stat", encoding="ascii") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
     def log_tail(self, num_chars: int = 1500) -> str:
         try:
@@ -237,6 +246,7 @@ async def _measure_middleware(redis_url: str, namespace: str, prompts: list[Any]
                  for index, prompt in enumerate(prompts)]
         done_s: dict[str, float] = {}
         results: dict[str, Any] = {}
+        start_cpu_s = time.process_time() + sum(service.cpu_s() for service in processes)
         start_s = time.perf_counter()
         request_ids = await client.submit_many(items)
 
@@ -248,9 +258,10 @@ async def _measure_middleware(redis_url: str, namespace: str, prompts: list[Any]
             for request_id in request_ids:
                 group.start_soon(wait_one, request_id)
         wall_s = time.perf_counter() - start_s
+        cpu_s = time.process_time() + sum(service.cpu_s() for service in processes) - start_cpu_s
     num_samples = sum(result.samples_used for result in results.values())
     num_tokens = sum(result.num_tokens for result in results.values())
-    summary = summarize(list(done_s.values()), wall_s, num_samples, num_tokens)
+    summary = summarize(list(done_s.values()), wall_s, num_samples, num_tokens, cpu_s=cpu_s)
     # the workers' own time (decode, scoring) for these requests: wall - these = the service's overhead
     summary["generate_s"] = sum(result.generate_s for result in results.values())
     summary["score_s"] = sum(result.score_s for result in results.values())

@@ -102,10 +102,11 @@ def test_throughput_three_ways_on_tiny_models(
         assert 3 * 3 <= row["num_tokens"] <= 3 * 3 * 4, mode  # 1..max_new_tokens tokens per sample
         assert row["samples_per_s"] > 0 and row["tokens_per_s"] > 0
         assert 0 < row["p50_s"] <= row["p95_s"] <= row["wall_s"] * 1.001
+        assert row["cpu_s"] > 0 and row["samples_per_cpu_s"] > 0, mode
         assert len(row["runs_samples_per_s"]) == 2 and row["samples_per_s"] in row["runs_samples_per_s"]
     assert len(report["engine_over_hf_runs"]) == 2
     assert min(report["engine_over_hf_runs"]) <= report["engine_over_hf"] <= max(report["engine_over_hf_runs"])
-    assert report["middleware_over_engine"] > 0
+    assert report["middleware_over_engine"] > 0 and report["middleware_over_engine_per_cpu_s"] > 0
     hardware = report["hardware"]
     assert hardware["threads"] == 1 and hardware["dtype"] == "float32" and hardware["device"] == "cpu"
     assert plot.read_bytes().startswith(b"\x89PNG")
