@@ -203,6 +203,10 @@ def _plot(rows: list[BenchRow], path: str, title: str) -> None:
     right.axhline(1.0, color="grey", linewidth=0.8)
     left.set(xlabel="K (prompts per batch)", ylabel="batch win rate vs uniform (median, IQR)", xscale="log")
     right.set(xlabel="K (prompts per batch)", ylabel="EST / B (median)", xscale="log")
+    ks = sorted({r.k for r in rows})
+    for axis in (left, right):
+        axis.set_xticks(ks, [str(k) for k in ks])
+        axis.minorticks_off()
     left.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
