@@ -46,14 +46,14 @@ __all__ = ["AispConfig", "AispProgress", "AispRequest", "AispResult", "PrelogitP
 class AispConfig:
     num_rollouts: int = 8  # n: rollouts per iteration (per prompt)
     num_iterations: int = 4  # k when the caller has no budget; a request's budget decides k (split_budget)
-    sigma: float = 0.2  # perturbation scale; relative: E‖σ ε_t‖ ≈ sigma · mean ‖z‖ of the prompt
+    sigma: float = 0.3  # perturbation scale; relative: E‖σ ε_t‖ ≈ sigma · mean ‖z‖ of the prompt
     sigma_is_relative: bool = True  # False: sigma is the absolute per-coordinate standard deviation
     lam: float = 0.3  # λ, temperature of the softmax over (standardised) rewards
     alpha: float = 0.999  # α, weight of the prior term; 1: weights are softmax(r/λ)
     horizon_tokens: int | None = None  # τ, perturbed tokens; None: max_new_tokens
     standardize_rewards: bool = True  # z-score rewards within each iteration before dividing by λ
-    max_u_norm: float | None = 0.3  # cap on ‖u_t‖ relative to mean ‖z‖ (absolute if sigma is); None: no cap
-    sigma_decay: float = 1.0  # σ of iteration j is sigma · sigma_decay**j (< 1: explore, then refine)
+    max_u_norm: float | None = 0.4  # cap on ‖u_t‖ relative to mean ‖z‖ (absolute if sigma is); None: no cap
+    sigma_decay: float = 0.5  # σ of iteration j is sigma · sigma_decay**j (< 1: explore, then refine)
 
     def validate(self) -> None:
         if self.num_rollouts < 1 or self.num_iterations < 1:

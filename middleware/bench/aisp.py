@@ -43,16 +43,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--model", default=None, help="policy spec (default: SmolLM2-135M-Instruct wheel)")
     parser.add_argument("--reward", default=None, help="reward spec (default: MiniLM preference reward)")
-    parser.add_argument("--sigma", type=float, default=0.2,
-                        help="perturbation scale: E‖v_t − u_t‖ ≈ sigma · mean pre-logit norm (default 0.2)")
+    parser.add_argument("--sigma", type=float, default=0.3,
+                        help="perturbation scale: E‖v_t − u_t‖ ≈ sigma · mean pre-logit norm (default 0.3)")
     parser.add_argument("--sigma-absolute", action="store_true", help="--sigma is the per-coordinate std instead")
     parser.add_argument("--lam", type=float, default=0.3, help="λ, softmax temperature on z-scored rewards")
     parser.add_argument("--alpha", type=float, default=0.999, help="α, prior weight (default 0.999)")
     parser.add_argument("--horizon", type=int, default=None, help="τ, perturbed tokens (default: max new tokens)")
-    parser.add_argument("--max-u-norm", type=float, default=0.3,
-                        help="cap on ‖u_t‖ relative to the pre-logit norm; 0: no cap (default 0.3)")
-    parser.add_argument("--sigma-decay", type=float, default=1.0,
-                        help="σ of iteration j is sigma · decay^j (default 1: constant)")
+    parser.add_argument("--max-u-norm", type=float, default=0.4,
+                        help="cap on ‖u_t‖ relative to the pre-logit norm; 0: no cap (default 0.4)")
+    parser.add_argument("--sigma-decay", type=float, default=0.5,
+                        help="σ of iteration j is sigma · decay^j (default 0.5; 1: constant)")
     parser.add_argument("--no-standardize", action="store_true", help="use raw rewards / λ, not z-scores")
     parser.add_argument("--sweep", action="store_true", help="also run AISP over a grid of σ and λ")
     parser.add_argument("--sweep-sigmas", default=DEFAULT_SWEEP_SIGMAS, help=f"(default {DEFAULT_SWEEP_SIGMAS})")

@@ -155,7 +155,7 @@ def test_mean_moves_towards_rewarded_direction(llama: Policy, sign: float) -> No
                                                                  generator=torch.Generator().manual_seed(3)), dim=0)
     prompts = PROMPTS + ["Name a color.", "Why is the sky blue?", "Write a haiku about rain."]
     progress: list[AispProgress] = []
-    config = AispConfig(num_rollouts=16, sigma=2.0, lam=0.5, max_u_norm=None)
+    config = AispConfig(num_rollouts=16, sigma=2.0, lam=0.5, max_u_norm=None, sigma_decay=1.0)
     requests = [AispRequest(f"p{i}", p, budget=16 * 6, max_new_tokens=4, seed=i) for i, p in enumerate(prompts)]
     results = run_aisp(llama, DirectionReward(llama, direction), requests, config, on_iteration=progress.append)
     assert [p.iteration for p in progress if p.key == "p0"] == list(range(6))
