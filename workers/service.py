@@ -186,7 +186,8 @@ class Worker:
             from workers.aisp import AispConfig
 
             aisp_defaults = AispConfig(num_rollouts=s.aisp_num_rollouts, sigma=s.aisp_sigma, lam=s.aisp_lam,
-                                       alpha=s.aisp_alpha)
+                                       alpha=s.aisp_alpha, sigma_decay=s.aisp_sigma_decay,
+                                       max_u_norm=s.aisp_max_u_norm)
         except ImportError:  # aisp jobs then get an error reply
             aisp_defaults = None
         return BatchRunner(policy, reward, worker_id=self.worker_id, max_batch=s.max_batch,

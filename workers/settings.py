@@ -48,7 +48,9 @@ class WorkerSettings(BaseSettings):
         default=None, description="Consumer name in the workers group (none: host-pid-random); stable ids resume own jobs"
     )
     aisp_num_rollouts: int = Field(default=8, ge=1, description="AISP rollouts per iteration (n)")
-    aisp_sigma: float = Field(default=0.2, gt=0, description="AISP perturbation scale, relative to the mean pre-logit norm")
+    aisp_sigma: float = Field(default=0.3, gt=0, description="AISP perturbation scale, relative to the mean pre-logit norm")
+    aisp_sigma_decay: float = Field(default=0.5, gt=0, description="AISP σ multiplier per iteration (<1: explore, then refine)")
+    aisp_max_u_norm: float = Field(default=0.4, ge=0, description="AISP cap on the mean perturbation ‖u_t‖, relative to ‖z‖")
     aisp_lam: float = Field(default=0.3, gt=0, description="AISP softmax temperature λ on (standardised) rewards")
     aisp_alpha: float = Field(default=0.999, ge=0, le=1, description="AISP prior weight α")
     log_level: str = Field(default="INFO", description="Logging level")
