@@ -56,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batches", type=int, default=50, help="batches per K (default 50)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"allocators, comma-separated, from {', '.join(a for a in ALLOCATORS if a != 'uniform')}")
+    parser.add_argument("--floor-fraction", type=float, default=0.0,
+                        help="allocator option: each prompt keeps at least this share of its own remaining budget")
+    parser.add_argument("--cap-factor", type=float, default=None,
+                        help="allocator option: no prompt ends with more than this many times its budget")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--plot", help="write a PNG of BWR and EST/B against K")
@@ -76,6 +80,8 @@ def _parse_args(args: argparse.Namespace) -> tuple[list[int], list[str]]:
         raise UsageError("--budget, --runs and --batches must be >= 1")
     if not 0 < args.explore_fraction <= 1:
         raise UsageError("--explore-fraction must be in (0, 1]")
+    if not 0 <= args.floor_fraction <= 1 or (args.cap_factor is not None and args.cap_factor < 1):
+        raise UsageError("--floor-fraction must be in [0, 1] and --cap-factor >= 1")
     return ks, methods
 
 
@@ -120,7 +126,8 @@ def _batch_metrics(totals: np.ndarray, uniform_curve: np.ndarray, budget: int) -
 
 
 def simulate(rewards: list[np.ndarray], *, ks: list[int], methods: list[str], budget: int, explore_fraction: float,
-             num_runs: int, num_batches: int, seed: int) -> list[BenchRow]:
+             num_runs: int, num_batches: int, seed: int, floor_fraction: float = 0.0,
+             cap_factor: float | None = None) -> list[BenchRow]:
     sampler = _Sampler(rewards)
     num_explore = num_explore_samples(budget, explore_fraction)
     rows = []
@@ -146,7 +153,8 @@ def simulate(rewards: list[np.ndarray], *, ks: list[int], methods: list[str], bu
                         gains = EmpiricalGains([rewards[p] for p in prompts], explore[run].max(axis=1))
                         counts[run] = greedy_allocate(gains, k, int(remaining.sum()))
                     else:
-                        counts[run] = allocate(list(explore[run]), remaining, method=name, seed=rng)
+                        counts[run] = allocate(list(explore[run]), remaining, method=name, seed=rng,
+                                               floor_fraction=floor_fraction, cap_factor=cap_factor)
                 elapsed_s[name] += time.perf_counter() - started
                 extra = sampler.draw(rng, prompts, (num_runs, max(1, int(counts.max()))))
                 extra[np.arange(extra.shape[2])[None, None, :] >= counts[:, :, None]] = -np.inf
@@ -228,11 +236,13 @@ def run(args: argparse.Namespace) -> int:
     rewards, header = load_rewards(args.pool, args.seed)
     started = time.perf_counter()
     rows = simulate(rewards, ks=ks, methods=methods, budget=args.budget, explore_fraction=args.explore_fraction,
-                    num_runs=args.runs, num_batches=args.batches, seed=args.seed)
+                    num_runs=args.runs, num_batches=args.batches, seed=args.seed,
+                    floor_fraction=args.floor_fraction, cap_factor=args.cap_factor)
     timings = time_large_window(rewards, methods, budget=args.budget, explore_fraction=args.explore_fraction)
     report = {"pool": args.pool, "pool_kind": header.get("kind"), "num_prompts": len(rewards),
               "samples_per_prompt": int(np.median([r.size for r in rewards])), "budget": args.budget,
-              "explore_fraction": args.explore_fraction, "runs": args.runs, "batches": args.batches,
+              "explore_fraction": args.explore_fraction, "floor_fraction": args.floor_fraction,
+              "cap_factor": args.cap_factor, "runs": args.runs, "batches": args.batches,
               "seed": args.seed, "elapsed_s": round(time.perf_counter() - started, 2),
               "allocation_ms_256_prompts": timings, "results": [asdict(r) for r in rows]}
     if args.plot:
