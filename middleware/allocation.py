@@ -125,6 +125,7 @@ def _select_largest_gains(gains: MixtureGains, counts: np.ndarray, limits: np.nd
     chosen entries stay candidates.
     """
     num_prompts = counts.size
+    limits = np.minimum(limits, counts + remaining)  # no row can take more than what is left
     length = int(min(limits.max(), max(16, 2 * -(-remaining // num_prompts) + int(counts.max()) + 1)))
     known = list(gains.block(np.arange(num_prompts), 0, length))  # Δ_i[0 : len(known[i])]
     computed = np.full(num_prompts, length)

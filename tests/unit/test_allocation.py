@@ -209,3 +209,14 @@ def test_empty_window_and_a_few_unsolved_prompts_among_many() -> None:
     plan = plan_window(explore, dict.fromkeys(explore, 32))
     assert sum(plan.values()) == 256 * 8
     assert all(plan[f"hard{i}"] in (341, 342) for i in range(6))  # the whole window's budget, evenly
+
+
+def test_floors_with_one_prompt_taking_everything_left() -> None:
+    # regression: a row that takes every remaining sample above its floor must not look "unfinished"
+    explore = {"solved": [1.0, 0.0, 0.0], "open": [0.0, 0.0, 0.0]}
+    plan = plan_window(explore, {"solved": 11, "open": 11}, floor_fraction=0.5)
+    assert plan == {"solved": 4, "open": 12}
+    rng = np.random.default_rng(1)
+    wide = {f"k{i}": rng.normal(0, 0.01 if i else 5.0, 24).tolist() for i in range(10)}
+    plan = plan_window(wide, dict.fromkeys(wide, 32), floor_fraction=0.5)
+    assert plan["k0"] == 44 and sum(plan.values()) == 80
