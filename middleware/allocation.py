@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 PAPER_ALLOCATORS = ("adabon-mc", "adabon-integral")
 OUR_ALLOCATORS = ("adabon-gauss", "adabon-eb")
-DEFAULT_ALLOCATOR = "adabon-eb"  # chosen by benchmark: see README "Allocation"
+DEFAULT_ALLOCATOR = "adabon-eb"  # chosen by benchmark: examples/pools/bench/README.md
 ALLOCATORS: tuple[str, ...] = ("uniform", *PAPER_ALLOCATORS, *OUR_ALLOCATORS, "adabon")
 
 RELATIVE_BANDWIDTH_FLOOR = 1e-3  # of the window's reward std: identical rewards keep a finite KDE
