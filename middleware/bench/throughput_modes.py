@@ -246,7 +246,7 @@ async def _measure_middleware(redis_url: str, namespace: str, prompts: list[Any]
                  for index, prompt in enumerate(prompts)]
         done_s: dict[str, float] = {}
         results: dict[str, Any] = {}
-        start_cpu_s = time.process_time() + sum(service.cpu_s() for service in processes)
+        start_cpu_s = [time.process_time()] + [service.cpu_s() for service in processes]
         start_s = time.perf_counter()
         request_ids = await client.submit_many(items)
 
@@ -258,10 +258,13 @@ async def _measure_middleware(redis_url: str, namespace: str, prompts: list[Any]
             for request_id in request_ids:
                 group.start_soon(wait_one, request_id)
         wall_s = time.perf_counter() - start_s
-        cpu_s = time.process_time() + sum(service.cpu_s() for service in processes) - start_cpu_s
+        used_cpu_s = [end - start for end, start in zip(
+            [time.process_time()] + [service.cpu_s() for service in processes], start_cpu_s)]
     num_samples = sum(result.samples_used for result in results.values())
     num_tokens = sum(result.num_tokens for result in results.values())
-    summary = summarize(list(done_s.values()), wall_s, num_samples, num_tokens, cpu_s=cpu_s)
+    summary = summarize(list(done_s.values()), wall_s, num_samples, num_tokens, cpu_s=sum(used_cpu_s))
+    summary["cpu_s_client"], summary["cpu_s_scheduler"] = used_cpu_s[0], used_cpu_s[1]
+    summary["cpu_s_workers"] = sum(used_cpu_s[2:])
     # the workers' own time (decode, scoring) for these requests: wall - these = the service's overhead
     summary["generate_s"] = sum(result.generate_s for result in results.values())
     summary["score_s"] = sum(result.score_s for result in results.values())
