@@ -15,7 +15,8 @@ Allocators (``ALLOCATORS``):
     adabon-eb        empirical Bayes over the window: 0/1 rewards use a Beta-Bernoulli posterior and the
                      exact E[max] of a Bernoulli; otherwise the window's pooled shape (standardised
                      residuals) with each prompt's mean and a scale shrunk toward the window's by evidence
-    adabon           the recommended default, chosen by ``alignq bench allocation`` (see README)
+    adabon           the recommended default, chosen by ``alignq bench allocation`` (see README):
+                     adabon-eb, with cap_factor 1.25 on continuous rewards unless one is given
 
 Options for every adaptive allocator: ``floor_fraction`` (each prompt gets at least this share of its
 own remaining budget), ``cap_factor`` (no prompt ends with more than cap_factor · B_i samples).
@@ -51,6 +52,8 @@ logger = logging.getLogger(__name__)
 PAPER_ALLOCATORS = ("adabon-mc", "adabon-integral")
 OUR_ALLOCATORS = ("adabon-gauss", "adabon-eb")
 DEFAULT_ALLOCATOR = "adabon-eb"  # chosen by benchmark: examples/pools/bench/README.md
+#: ``adabon`` caps continuous-reward prompts at this multiple of their budget (bench: >= null on the preference pool)
+DEFAULT_CONTINUOUS_CAP_FACTOR = 1.25
 ALLOCATORS: tuple[str, ...] = ("uniform", *PAPER_ALLOCATORS, *OUR_ALLOCATORS, "adabon")
 
 RELATIVE_BANDWIDTH_FLOOR = 1e-3  # of the window's reward std: identical rewards keep a finite KDE
@@ -300,6 +303,10 @@ def allocate(explore: Sequence[Sequence[float]], remaining: Sequence[int], *, me
     if method == "uniform" or len(rewards) <= 1 or total == 0:
         return left.copy()
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    if method == "adabon" and cap_factor is None and not is_bernoulli(rewards):
+        # On continuous rewards a few dozen explore samples barely see each prompt's spread: the cap
+        # keeps estimation noise from pulling many samples away from any prompt (never below the null).
+        cap_factor = DEFAULT_CONTINUOUS_CAP_FACTOR
     floors = np.floor(floor_fraction * left).astype(np.int64)
     caps = None
     if cap_factor is not None:
