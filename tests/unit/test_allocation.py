@@ -218,5 +218,5 @@ def test_floors_with_one_prompt_taking_everything_left() -> None:
     assert plan == {"solved": 4, "open": 12}
     rng = np.random.default_rng(1)
     wide = {f"k{i}": rng.normal(0, 0.01 if i else 5.0, 24).tolist() for i in range(10)}
-    plan = plan_window(wide, dict.fromkeys(wide, 32), floor_fraction=0.5)
+    plan = plan_window(wide, dict.fromkeys(wide, 32), method="adabon-eb", floor_fraction=0.5)
     assert plan["k0"] == 44 and sum(plan.values()) == 80
