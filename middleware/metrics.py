@@ -93,6 +93,10 @@ SPECS: dict[str, MetricSpec] = {
         MetricSpec("alignq_score_seconds_total", "counter", "Worker time spent in the reward model (s)"),
         MetricSpec("alignq_job_errors_total", "counter", "Worker replies with an error, by code", ("code",)),
         MetricSpec("alignq_gateway_requests_total", "counter", "HTTP calls to the gateway", ("endpoint", "code")),
+        MetricSpec("alignq_tenant_calls_total", "counter", "Authenticated gateway calls, by tenant (key name, "
+                   "never the key)", ("tenant",)),
+        MetricSpec("alignq_tenant_requests_total", "counter", "Requests answered, by tenant and result status",
+                   ("tenant", "status")),
         MetricSpec("alignq_gateway_request_seconds", "histogram", "HTTP call duration (s)", ("endpoint",),
                    SECONDS_BUCKETS),
     )
@@ -188,6 +192,8 @@ class Telemetry:
         """
         method = result.method.value if result.method else "unknown"
         self.increment("alignq_requests_total", method=method, status=result.status.value)
+        tenant = result.request_id.rpartition("/")[0] or "shared"
+        self.increment("alignq_tenant_requests_total", tenant=tenant, status=result.status.value)
         if result.error is not None:
             self.increment("alignq_request_errors_total", code=result.error.code.value)
         if result.queued_s > 0:

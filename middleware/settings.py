@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -16,7 +16,7 @@ class SchedulerSettings(BaseSettings):
     default_budget: int = Field(default=16, ge=1, description="Samples per prompt when a request sets none")
     max_budget: int = Field(default=256, ge=1, description="Largest budget a request may ask for")
     explore_fraction: float = Field(default=0.75, gt=0, le=1, description="Share of each budget spent exploring (d = f·B)")
-    allocator: str = Field(default="adabon", description="Stage-2 allocator (see middleware.allocation)")
+    allocator: str = Field(default="adabon", description="Stage-2 allocator (see middleware.scheduler.allocation)")
     max_new_tokens: int = Field(default=64, ge=1, description="Tokens per sample when a request sets none")
     temperature: float = Field(default=0.8, ge=0, description="Sampling temperature when a request sets none")
     top_p: float = Field(default=0.95, gt=0, le=1, description="Nucleus sampling when a request sets none")
@@ -32,6 +32,16 @@ class SchedulerSettings(BaseSettings):
     log_level: str = Field(default="INFO", description="Logging level")
 
 
+class ApiKeySpec(BaseModel):
+    """One named API key and its quotas (0: the gateway's default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(min_length=8, description="The secret bearer key")
+    rpm: int = Field(default=0, ge=0, description="Requests per minute")
+    max_samples_in_flight: int = Field(default=0, ge=0, description="Samples budgeted by unanswered requests")
+
+
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ALIGNQ_", env_nested_delimiter="__", extra="ignore")
 
@@ -39,7 +49,16 @@ class GatewaySettings(BaseSettings):
     namespace: str = Field(default="alignq", description="Prefix of every Redis key and stream")
     host: str = Field(default="127.0.0.1", description="Gateway bind address")
     port: int = Field(default=8000, ge=0, le=65535, description="Gateway port")
-    api_keys: list[str] = Field(default_factory=list, description="Accepted bearer keys (JSON list); empty: no auth")
+    api_keys: list[str] | dict[str, ApiKeySpec] = Field(
+        default_factory=list,
+        description='Bearer keys: a JSON list, or {"name": {"key": ..., "rpm": ..., "max_samples_in_flight": ...}}; '
+                    "empty: no auth, one shared tenant")
+    api_keys_file: str | None = Field(default=None, description="JSON file of named keys (same shape as api_keys)")
+    tenant_secret: str = Field(default="alignq-tenants", description="HMAC key naming the tenant of an unnamed key")
+    default_rpm: int = Field(default=0, ge=0, description="Requests per minute per key when its spec sets none (0: no limit)")
+    default_max_samples_in_flight: int = Field(
+        default=0, ge=0, description="Samples budgeted by a key's unanswered requests, max (0: no limit)")
+    default_budget: int = Field(default=16, ge=1, description="Samples counted against a quota when a request sets none")
     request_timeout_s: float = Field(default=300.0, gt=0, description="Longest a gateway call waits for a result (s)")
     max_pending: int = Field(default=10_000, ge=1, description="Accepted-but-unanswered requests before 429")
     log_level: str = Field(default="INFO", description="Logging level")

@@ -7,11 +7,38 @@ Redis server.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 DEFAULT_NAMESPACE = "alignq"
 
 SCHEDULER_GROUP = "schedulers"
 WORKER_GROUP = "workers"
+
+
+class Lane(StrEnum):
+    """Priority lanes: requests and jobs of priority > 0, == 0 and < 0 wait in separate streams."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @classmethod
+    def of(cls, priority: int) -> Lane:
+        return cls.HIGH if priority > 0 else cls.LOW if priority < 0 else cls.NORMAL
+
+
+#: Lanes in the order they are read; every ``LOW_FIRST_EVERY``-th read starts from the lowest (no starvation).
+LANES_BY_PRIORITY = (Lane.HIGH, Lane.NORMAL, Lane.LOW)
+LOW_FIRST_EVERY = 4
+
+
+def lane_read_order(read_index: int) -> tuple[Lane, ...]:
+    """Highest lane first, except one read in ``LOW_FIRST_EVERY``, which starts from the lowest.
+
+    So a backlog of high-priority work goes first, and a lower lane with work still gets at least
+    one read in four: it is slowed, never starved.
+    """
+    return LANES_BY_PRIORITY[::-1] if read_index % LOW_FIRST_EVERY == LOW_FIRST_EVERY - 1 else LANES_BY_PRIORITY
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,13 +53,22 @@ class Keys:
     # -- streams -------------------------------------------------------------------------------
     @property
     def requests(self) -> str:
-        """AlignRequest messages from clients; consumed by the ``schedulers`` group."""
-        return self._key("requests")
+        """AlignRequest messages of the normal lane; consumed by the ``schedulers`` group."""
+        return self.request_stream(Lane.NORMAL)
+
+    def request_stream(self, lane: Lane) -> str:
+        """AlignRequest messages of one priority lane (``requests``, ``requests:high``, ``requests:low``)."""
+        return self._key("requests") if lane == Lane.NORMAL else self._key("requests", lane.value)
 
     @property
     def jobs(self) -> str:
-        """Job messages from schedulers; consumed by the ``workers`` group."""
-        return self._key("jobs")
+        """Job messages of the default model's normal lane; consumed by the ``workers`` group."""
+        return self.job_stream(None, Lane.NORMAL)
+
+    def job_stream(self, model: str | None, lane: Lane) -> str:
+        """Jobs for one model (None: the default model) in one priority lane; read by that model's workers."""
+        parts = ["jobs"] if model is None else ["jobs", "model", model]
+        return self._key(*parts) if lane == Lane.NORMAL else self._key(*parts, lane.value)
 
     def samples(self, scheduler_id: str) -> str:
         """SampleSet replies for one scheduler (read by that scheduler, no group)."""
@@ -56,9 +92,21 @@ class Keys:
         """SET NX marker: the request has been answered (exactly one result per request_id)."""
         return self._key("answered", request_id)
 
-    def job_done(self, job_id: str) -> str:
-        """SET NX marker: the job's samples were published once."""
-        return self._key("job-done", job_id)
+    def fingerprint(self, request_id: str) -> str:
+        """The request's fingerprint (schemas.tenancy), kept for the idempotency window: conflicts are 409."""
+        return self._key("fingerprint", request_id)
+
+    def cancelled(self, request_id: str) -> str:
+        """Marker: the request was cancelled; schedulers and workers drop its work when they see it."""
+        return self._key("cancelled", request_id)
+
+    def quota_rate(self, tenant: str, minute: int) -> str:
+        """Requests a tenant submitted in one wall-clock minute (INCR, expires after two)."""
+        return self._key("quota", "rate", tenant, str(minute))
+
+    def quota_samples(self, tenant: str) -> str:
+        """Sorted set request_id -> samples budgeted, of the tenant's unanswered requests."""
+        return self._key("quota", "samples", tenant)
 
     def kept_samples(self, request_id: str) -> str:
         """Hash sample_index -> encoded Sample: scored samples reused after a scheduler dies."""

@@ -11,16 +11,26 @@ import uuid
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: tenant, model, traceparent; cancelled status
 
 #: Hard limits of the wire format; deployments set tighter ones in their settings.
 MAX_PROMPT_CHARS = 200_000
 MAX_BUDGET = 4096
 MAX_NEW_TOKENS = 8192
 
-RequestId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+#: A caller's request id: what a client picks (no "/": that separates the tenant scope).
+CallerRequestId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+#: The id on the wire: the caller's id, prefixed with ``{tenant}/`` when the request has a tenant.
+RequestId = Annotated[str, Field(min_length=1, max_length=193,
+                                 pattern=r"^([A-Za-z0-9_.\-]{1,64}/)?[A-Za-z0-9_.:\-]{1,128}$")]
+#: A tenant: a configured API-key name, or a keyed hash of the key (never the key itself).
+TenantName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
+#: A model name as workers serve it (ALIGNQ_MODEL_NAME) and requests name it (OpenAI ``model``).
+ModelName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:/@+\-]+$")]
+#: W3C trace context header value (``00-<trace>-<span>-<flags>``), carried across processes.
+TraceParent = Annotated[str, Field(max_length=128)]
 MetadataValue = str | int | float | bool | None
 
 
@@ -49,9 +59,11 @@ class ResultStatus(StrEnum):
     OK = "ok"
     PARTIAL = "partial"  # deadline reached: best sample so far
     ERROR = "error"
+    CANCELLED = "cancelled"  # the client cancelled it before it was answered
 
 
-TERMINAL_RESULT_STATUSES = frozenset(ResultStatus)
+#: Results that carry a response.
+ANSWERED_STATUSES = frozenset({ResultStatus.OK, ResultStatus.PARTIAL})
 
 
 class EventKind(StrEnum):
@@ -61,9 +73,17 @@ class EventKind(StrEnum):
     PROGRESS = "progress"  # samples arrived (aisp iterations, uniform chunks)
     DONE = "done"  # terminal: carries the AlignResult (status ok or partial)
     ERROR = "error"  # terminal: carries the AlignResult with status error
+    CANCELLED = "cancelled"  # terminal: carries the AlignResult with status cancelled
 
 
-TERMINAL_EVENT_KINDS = frozenset({EventKind.DONE, EventKind.ERROR})
+TERMINAL_EVENT_KINDS = frozenset({EventKind.DONE, EventKind.ERROR, EventKind.CANCELLED})
+
+
+def terminal_event_kind(status: ResultStatus) -> EventKind:
+    """The terminal event that carries a result of ``status``."""
+    if status == ResultStatus.ERROR:
+        return EventKind.ERROR
+    return EventKind.CANCELLED if status == ResultStatus.CANCELLED else EventKind.DONE
 
 
 class ErrorCode(StrEnum):
@@ -73,6 +93,9 @@ class ErrorCode(StrEnum):
     REWARD_FAILED = "reward_failed"  # the reward function raised or returned NaN/inf
     DELIVERY_EXHAUSTED = "delivery_exhausted"  # a job failed max_deliveries times
     LOST = "lost"  # Redis lost the request (restart without persistence)
+    CONFLICT = "conflict"  # the request_id was used before for a different request
+    MODEL_NOT_FOUND = "model_not_found"  # no live worker serves the model (or the method on it)
+    BACKEND_FAILED = "backend_failed"  # the inference server refused the request (a 4xx no retry fixes)
     INTERNAL = "internal"
 
 
@@ -121,8 +144,10 @@ class AispParams(WireModel):
 class AlignRequest(WireModel):
     """A prompt to align. Defaults that are None are filled by the scheduler's settings."""
 
-    request_id: RequestId = Field(default_factory=new_request_id)
+    request_id: RequestId = Field(default_factory=new_request_id)  # "{tenant}/{id}" when tenant is set
     prompt: Prompt
+    tenant: TenantName | None = None  # who submitted it; None: the shared tenant
+    model: ModelName | None = None  # None: the deployment's default model
     method: Method = Method.BON
     budget: int | None = Field(default=None, ge=1, le=MAX_BUDGET)  # samples (rollouts for aisp)
     max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
@@ -133,7 +158,15 @@ class AlignRequest(WireModel):
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     aisp: AispParams | None = None
     metadata: dict[str, MetadataValue] = Field(default_factory=dict, max_length=64)
+    traceparent: TraceParent | None = None
     submitted_at_ms: int = Field(default_factory=now_ms)
+
+    @model_validator(mode="after")
+    def _scoped_to_tenant(self) -> AlignRequest:
+        prefix, _, _ = self.request_id.rpartition("/")
+        if prefix != (self.tenant or ""):
+            raise ValueError("request_id must be '{tenant}/{id}' when tenant is set, and contain no '/' otherwise")
+        return self
 
     @field_validator("prompt")
     @classmethod
@@ -165,6 +198,9 @@ class Job(WireModel):
     aisp: AispParams | None = None
     metadata: dict[str, MetadataValue] = Field(default_factory=dict)
     deadline_at_ms: int | None = None  # absolute; workers drop the job after it
+    model: ModelName | None = None  # the model the request named (None: the default)
+    priority: int = Field(default=0, ge=-100, le=100)  # the request's; workers batch higher first
+    traceparent: TraceParent | None = None  # the request's trace context: worker spans link to it
     created_at_ms: int = Field(default_factory=now_ms)
 
 

@@ -21,11 +21,9 @@ live worker's XAUTOCLAIM takes them); the final publish + XACK is one shielded t
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import signal
 import socket
 import sys
 import time
@@ -35,12 +33,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import anyio
-import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas import (
+    WORKER_GROUP,
     ErrorCode,
     Job,
     Keys,
@@ -49,7 +45,16 @@ from schemas import (
     decode,
     now_ms,
 )
-from workers.consumer import JobConsumer, StreamEntry, count_workers_on_host, dead_letter, publish_replies
+from schemas.lifecycle import heartbeat_value, stop_on_signals
+from schemas.transport import REDIS_ERRORS, SOCKET_TIMEOUT_S, connect, retry_with_backoff
+from workers.consumer import (
+    JobConsumer,
+    StreamEntry,
+    count_workers_on_host,
+    dead_letter_job,
+    job_stream_of,
+    publish_replies,
+)
 from workers.jobs import (
     BatchRunner,
     HeldJob,
@@ -65,12 +70,11 @@ __all__ = ["Worker", "WorkerStats", "run_worker", "serve_worker"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
-SOCKET_TIMEOUT_S = 10.0  # every Redis call is bounded; blocking reads use far less
 READ_BLOCK_MS = 500
 MAX_BACKOFF_S = 5.0
 PUBLISH_GIVE_UP_S = 30.0  # after the grace period a shielded publish stops retrying (jobs stay for reclaim)
 THREAD_CHECK_S = 5.0  # how often an auto-threaded worker recounts the workers on its host
+CANCEL_POLL_S = 0.2  # how soon a cancelled request stops costing samples
 LOADING_TTL_MS = 120_000  # a worker still loading its models counts towards its host's workers this long
 
 
@@ -84,6 +88,7 @@ class WorkerStats:
     num_dead_letters: int = 0
     num_reclaimed: int = 0  # entries taken over from dead workers
     num_handed_back: int = 0
+    num_cancelled: int = 0  # queued jobs dropped because their request was cancelled
 
 
 class Worker:
@@ -96,8 +101,7 @@ class Worker:
         default_id = f"{self.hostname}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.worker_id = worker_id or settings.worker_id or default_id
         self._owns_redis = redis is None
-        self.redis = redis or aioredis.Redis.from_url(settings.redis_url, socket_timeout=SOCKET_TIMEOUT_S,
-                                                      socket_connect_timeout=SOCKET_TIMEOUT_S)
+        self.redis = redis or connect(settings.redis_url)
         self.consumer = JobConsumer(self.redis, self.keys, self.worker_id)
         self.runner: BatchRunner | None = None
         self.stats = WorkerStats()
@@ -125,6 +129,7 @@ class Worker:
             done = {name: anyio.Event() for name in ("intake", "reclaim", "runner")}
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeat_loop)
+                tg.start_soon(self._cancel_loop)
                 tg.start_soon(_run_then_set, self._intake_loop, done["intake"])
                 tg.start_soon(_run_then_set, self._reclaim_loop, done["reclaim"])
                 tg.start_soon(_run_then_set, self._runner_loop, done["runner"])
@@ -276,6 +281,41 @@ class Worker:
             except REDIS_ERRORS as e:
                 logger.warning("heartbeat failed worker_id=%s: %s", self.worker_id, e)
 
+    async def _cancel_loop(self) -> None:
+        """Poll the cancelled markers of the jobs we hold (one MGET): queued ones are dropped and acked;
+        the batch in flight drops their rows at its next decode step (``BatchRunner.cancel``)."""
+        while True:
+            await anyio.sleep(CANCEL_POLL_S)
+            held = [*self.queue, *self.in_flight]
+            if not held:
+                continue
+            request_ids = sorted({h.job.request_id for h in held})
+            try:
+                markers = await self.redis.mget([self.keys.cancelled(rid) for rid in request_ids])
+            except REDIS_ERRORS as e:
+                logger.warning("reading cancellations failed worker_id=%s: %s", self.worker_id, e)
+                continue
+            cancelled = {rid for rid, marker in zip(request_ids, markers) if marker is not None}
+            if cancelled:
+                await self._drop_cancelled(cancelled)
+
+    async def _drop_cancelled(self, request_ids: set[str]) -> None:
+        dropped = [h for h in self.queue if h.job.request_id in request_ids]
+        if dropped:
+            self.queue[:] = [h for h in self.queue if h.job.request_id not in request_ids]
+            self._notify()
+            # The request is answered already: nothing to publish, only the jobs to acknowledge.
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for held in dropped:
+                    pipe.xack(job_stream_of(self.keys, held.job), WORKER_GROUP, held.entry_id)
+                await self._retry("ack cancelled", pipe.execute)
+            self.stats.num_cancelled += len(dropped)
+            logger.info("dropped %d queued jobs of cancelled requests worker_id=%s", len(dropped), self.worker_id)
+        running = [h.job.job_id for h in self.in_flight if h.job.request_id in request_ids]
+        if running and self.runner is not None and hasattr(self.runner, "cancel"):
+            for job_id in running:
+                self.runner.cancel(job_id)
+
     # -- steps ------------------------------------------------------------------------------------
     async def _admit(self, entries: list[StreamEntry]) -> None:
         """Decode and check entries; queue the runnable ones, answer or dead-letter the rest."""
@@ -332,9 +372,9 @@ class Worker:
 
     async def _dead_letter(self, entry: StreamEntry, reason: str, payload: bytes | None, *,
                            request_id: str | None = None, reply: tuple[str, SampleSet] | None = None) -> None:
-        await self._retry("dead letter", lambda: dead_letter(
+        await self._retry("dead letter", lambda: dead_letter_job(
             self.redis, self.keys, entry_id=entry.entry_id, reason=reason, payload=payload,
-            request_id=request_id, reply=reply))
+            request_id=request_id, reply=reply, stream=entry.stream or None))
         self.stats.num_dead_letters += 1
 
     async def _publish(self, replies: list[tuple[str, Job, SampleSet]]) -> bool:
@@ -388,9 +428,8 @@ class Worker:
             logger.info("lost the lease on in-flight jobs %s (replies are deduplicated)", lost_in_flight)
 
     def _heartbeat_value(self) -> str:
-        return json.dumps({"worker_id": self.worker_id, "host": self.hostname, "pid": os.getpid(),
-                           "threads": self.num_threads, "queued": len(self.queue),
-                           "in_flight": len(self.in_flight), "at_ms": now_ms(), **asdict(self.stats)})
+        return heartbeat_value("worker", self.worker_id, worker_id=self.worker_id, threads=self.num_threads,
+                               queued=len(self.queue), in_flight=len(self.in_flight), **asdict(self.stats))
 
     async def _rebalance_threads(self) -> None:
         wanted = max(1, (os.cpu_count() or 1) // await self._workers_on_host())
@@ -427,15 +466,7 @@ class Worker:
             await event.wait()
 
     async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """``call()`` until it succeeds, backing off on connection errors (Redis restarting)."""
-        delay_s = 0.05
-        while True:
-            try:
-                return await call()
-            except REDIS_ERRORS as e:
-                logger.warning("redis error during %s, retrying in %.2f s: %s", what, delay_s, e)
-                await anyio.sleep(delay_s)
-                delay_s = min(MAX_BACKOFF_S, delay_s * 2)
+        return await retry_with_backoff(what, call, max_backoff_s=MAX_BACKOFF_S)
 
 
 async def _run_then_set(loop: Callable[[], Awaitable[None]], done: anyio.Event) -> None:
@@ -459,21 +490,13 @@ async def _serve_until_signal(settings: WorkerSettings) -> Worker | Exception:
 
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_stop_on_signals, stop)
+        tg.start_soon(stop_on_signals, stop)
         try:
             outcome: Worker | Exception = await serve_worker(settings, stop=stop)
         except ModelLoadError as e:
             outcome = e
         tg.cancel_scope.cancel()
     return outcome
-
-
-async def _stop_on_signals(stop: anyio.Event) -> None:
-    """Only sets the event: the loops see it and drain."""
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            logger.info("received %s: draining", signal.Signals(signum).name)
-            stop.set()
 
 
 def run_worker(settings: WorkerSettings) -> int:

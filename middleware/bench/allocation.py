@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from middleware.allocation import ALLOCATORS, EmpiricalGains, allocate, greedy_allocate, num_explore_samples
+from middleware.scheduler.allocation import ALLOCATORS, EmpiricalGains, allocate, greedy_allocate, num_explore_samples
 from middleware.errors import UsageError
 
 DEFAULT_METHODS = ("adabon-mc", "adabon-integral", "adabon-gauss", "adabon-eb")
@@ -87,7 +87,7 @@ def _parse_args(args: argparse.Namespace) -> tuple[list[int], list[str]]:
 
 def load_rewards(spec: str, seed: int = 0) -> tuple[list[np.ndarray], dict[str, Any]]:
     """The pool's rewards per prompt: a pool file, or ``synthetic:KIND[:SPREAD]`` made on the fly."""
-    from middleware.pools import PoolError, load_pool, synthetic_pool
+    from middleware.bench.pools import PoolError, load_pool, synthetic_pool
 
     try:
         if spec.startswith("synthetic:"):

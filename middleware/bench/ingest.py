@@ -210,7 +210,7 @@ def realistic_explore_rewards(num_prompts: int, num_explore: int, seed: int = 0)
 
 def allocation_ms(*, num_prompts: int, budget: int, repeats: int, method: str = "adabon") -> float:
     """Median wall time (ms) of ``plan_window`` for one window (explore rewards already in hand)."""
-    from middleware.allocation import num_explore_samples, plan_window
+    from middleware.scheduler.allocation import num_explore_samples, plan_window
 
     num_explore = num_explore_samples(budget, 0.75)
     explore_rewards = realistic_explore_rewards(num_prompts, num_explore)
@@ -233,7 +233,7 @@ def redis_for_bench(redis_url: str | None) -> Iterator[str]:
     if redis_url:
         yield redis_url
         return
-    from middleware.embedded_redis import EmbeddedRedis
+    from middleware.runtime.embedded_redis import EmbeddedRedis
 
     with EmbeddedRedis() as server:
         yield server.url

@@ -22,7 +22,6 @@ VERB_MODULES = (
     "middleware.cli.bench",  # alignq bench allocation | aisp | throughput | ingest
 )
 
-from middleware.errors import UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:

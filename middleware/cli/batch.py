@@ -23,7 +23,7 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any, Self
 
-from middleware.errors import AlignqError, UsageError
+from middleware.errors import ServiceError, UsageError
 from middleware.settings import SchedulerSettings
 from schemas import (
     AlignRequest,
@@ -47,16 +47,12 @@ INPUT_FIELDS = ("prompt", "request_id", "budget", "method", "max_new_tokens", "t
                 "deadline_ms", "seed", "metadata", "aisp")
 
 
-class ServiceError(AlignqError):
-    """A service this command started failed (Redis would not start, a worker died)."""
-
-
 # -- input ----------------------------------------------------------------------------------------
 def read_requests(source: str | Sequence[str], settings: SchedulerSettings, *, budget: int | None = None,
                   method: str | None = None) -> list[AlignRequest]:
     """Parse and validate every line before anything starts; a bad line is a UsageError naming it."""
     from middleware.client import BadRequest, Client
-    from middleware.scheduler_core import CoreConfig, SchedulerCore
+    from middleware.scheduler.core import CoreConfig, SchedulerCore
 
     if isinstance(source, str):
         name = "stdin" if source == "-" else source
@@ -135,7 +131,7 @@ class ServiceProcesses:
     def __enter__(self) -> Self:
         self.log_dir = tempfile.mkdtemp(prefix="alignq-run-")
         if not self.redis_url:
-            from middleware.embedded_redis import EmbeddedRedis, EmbeddedRedisError
+            from middleware.runtime.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 
             self.embedded = EmbeddedRedis()
             try:
@@ -273,7 +269,7 @@ async def _collect(settings: SchedulerSettings, requests: list[AlignRequest], ou
     from tqdm import tqdm
 
     from middleware.client import Client
-    from middleware.scheduler import Scheduler
+    from middleware.scheduler.service import Scheduler
 
     keys = Keys(settings.namespace)
     async with Client(settings.redis_url or "", namespace=settings.namespace,

@@ -1,4 +1,4 @@
-"""``alignq pool build | show``: response pools for ``alignq bench allocation`` (format: middleware.pools)."""
+"""``alignq pool build | show``: response pools for ``alignq bench allocation`` (format: middleware.bench.pools)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from middleware.errors import UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from middleware.pools import SYNTHETIC_KINDS
+    from middleware.bench.pools import SYNTHETIC_KINDS
 
     pool = subparsers.add_parser("pool", help="build or inspect response pools", description=__doc__)
     verbs = pool.add_subparsers(dest="pool_verb", metavar="VERB", required=True)
@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from middleware.pools import PoolError, build_pool, synthetic_pool, write_pool
+    from middleware.bench.pools import PoolError, build_pool, synthetic_pool, write_pool
 
     if args.samples < 1:
         raise UsageError("--samples must be >= 1")
@@ -68,7 +68,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from middleware.pools import PoolError, load_pool
+    from middleware.bench.pools import PoolError, load_pool
 
     try:
         pool = load_pool(args.pool)

@@ -191,7 +191,7 @@ def _add_output_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
-    from middleware.scheduler import run_scheduler
+    from middleware.scheduler.service import run_scheduler
 
     settings = build_settings(SchedulerSettings, args, SCHEDULER_FLAGS)
     if not settings.redis_url:
@@ -213,7 +213,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     try:
-        from middleware.gateway import run_gateway
+        from middleware.gateway.app import run_gateway
     except ImportError as e:
         print(f"alignq gateway: the gateway is not available: {e}", file=sys.stderr)
         return 1
@@ -286,7 +286,7 @@ async def _serve(settings: SchedulerSettings, services: Any) -> int:
     import anyio
 
     from middleware.cli.batch import ServiceError
-    from middleware.scheduler import serve_scheduler
+    from middleware.scheduler.service import serve_scheduler
 
     stop = anyio.Event()
     failures: list[ServiceError] = []

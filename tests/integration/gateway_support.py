@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import anyio
 import redis.asyncio as aioredis
 
-from middleware.gateway import create_app
+from middleware.gateway.app import create_app
 from middleware.settings import GatewaySettings
 from schemas import (
     PAYLOAD_FIELD,

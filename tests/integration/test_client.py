@@ -16,8 +16,8 @@ from middleware.client import (
     RequestFailed,
     RequestLost,
     ResultTimeout,
-    estimate_retry_after_s,
 )
+from middleware.client.admission import estimate_retry_after_s
 from middleware.errors import ClientError
 from schemas import (
     PAYLOAD_FIELD,
@@ -404,7 +404,7 @@ async def test_a_flood_is_bounded_by_max_pending(redis_url: str) -> None:
 
 
 async def test_router_wakes_a_blocked_read_for_a_new_waiter(redis_url: str) -> None:
-    from middleware.event_router import EventRouter
+    from middleware.client.event_router import EventRouter
 
     redis = aioredis.Redis.from_url(redis_url)
     router = EventRouter(redis, block_ms=3000)

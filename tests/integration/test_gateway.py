@@ -196,7 +196,7 @@ async def test_overloaded_is_429_with_retry_after(redis_url: str) -> None:
             assert response.json()["error"]["code"] == "overloaded"
             async with openai_client(base_url) as client:
                 with pytest.raises(openai.RateLimitError):
-                    await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+                    await client.chat.completions.create(model="alignq", messages=[{"role": "user", "content": "x"}])
             response = await http.post(f"{base_url}/v1/align/batch", json={"requests": [{"prompt": "a"}]})
             assert response.status_code == 429
             assert await redis.xlen(KEYS.requests) == 0
@@ -228,7 +228,7 @@ async def test_bad_input_is_400_in_openai_shape(redis_url: str, path: str, paylo
 
 
 async def test_oversize_body_is_413(redis_url: str) -> None:
-    from middleware.gateway_http import MAX_BODY_BYTES
+    from middleware.gateway.http import MAX_BODY_BYTES
 
     with running_gateway(redis_url) as base_url:
         async with httpx.AsyncClient() as http:
@@ -345,7 +345,7 @@ async def test_sigterm_lets_an_in_flight_stream_finish(redis_url: str) -> None:
     from gateway_support import free_port
 
     port = free_port()
-    code = ("import sys; from middleware.gateway import run_gateway; from middleware.settings import GatewaySettings; "
+    code = ("import sys; from middleware.gateway.app import run_gateway; from middleware.settings import GatewaySettings; "
             f"sys.exit(run_gateway(GatewaySettings(port={port})))")
     env = {**os.environ, "ALIGNQ_REDIS_URL": redis_url}
     terminated = anyio.Event()
@@ -386,7 +386,7 @@ async def test_sigterm_lets_an_in_flight_stream_finish(redis_url: str) -> None:
 
 def test_run_gateway_needs_a_redis_url() -> None:
     from middleware.errors import UsageError
-    from middleware.gateway import run_gateway
+    from middleware.gateway.app import run_gateway
     from middleware.settings import GatewaySettings
 
     with pytest.raises(UsageError, match="ALIGNQ_REDIS_URL"):

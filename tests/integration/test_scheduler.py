@@ -26,10 +26,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from middleware.cli.services import alignq_command
 from middleware.client import Client
-from middleware.embedded_redis import EmbeddedRedis
-from middleware.scheduler import ANSWER_LUA, Scheduler
+from middleware.runtime.embedded_redis import EmbeddedRedis
+from middleware.scheduler.service import ANSWER_LUA, Scheduler
 from middleware.settings import SchedulerSettings
-from middleware.streams import StreamConsumer
+from schemas.transport import StreamConsumer
 from schemas import (
     PAYLOAD_FIELD,
     SCHEDULER_GROUP,
@@ -239,7 +239,7 @@ async def test_bad_input_gets_error_results_or_dead_letters_and_the_service_keep
         unknown_method = msgpack.packb({**AlignRequest(request_id="bad-method", prompt="z").model_dump(mode="python"),
                                         "method": "magic"})
         wrong_version = msgpack.packb({**AlignRequest(request_id="v2", prompt="z").model_dump(mode="python"),
-                                       "schema_version": 2})
+                                       "schema_version": 99})
         for payload in [encode(good_before), *bad_payloads.values(), encode(too_big), encode(too_long),
                         unknown_method, wrong_version]:
             await redis.xadd(KEYS.requests, {PAYLOAD_FIELD: payload})
@@ -311,7 +311,7 @@ async def test_answer_published_but_not_acked_is_not_answered_twice(redis: aiore
     first = AlignResult(request_id=rid, status=ResultStatus.OK, response="first", reward=1.0, samples_used=4)
     script = redis.register_script(ANSWER_LUA)
     keys = [KEYS.request_claim(rid), KEYS.result(rid), KEYS.events(rid), KEYS.pending_requests, KEYS.requests,
-            KEYS.kept_samples(rid)]
+            KEYS.kept_samples(rid), KEYS.quota_samples("")]
     event = Event(request_id=rid, kind=EventKind.DONE, result=first)
     assert await script(keys=keys, args=[rid, encode(first), encode(event), 60, SCHEDULER_GROUP, "", "ghost"]) == 1
     async with running(redis, settings) as (scheduler,):
@@ -431,7 +431,7 @@ async def test_scheduler_gives_up_requests_whose_lease_another_scheduler_took(re
             while True:
                 await other.renew([entry_id])
                 await anyio.sleep(0.05)
-        assert await other.renew([entry_id]) == [entry_id]
+        assert await other.renew([entry_id]) == {entry_id}
     assert scheduler.num_answered == 0 and await redis.exists(KEYS.result(rid)) == 0
 
 

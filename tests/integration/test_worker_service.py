@@ -240,7 +240,7 @@ async def test_restarted_worker_takes_its_own_pending_jobs_first(redis, redis_ur
 
 
 async def test_worker_keeps_serving_across_a_redis_restart(tiny_llama_dir, monkeypatch):
-    from middleware.embedded_redis import EmbeddedRedis
+    from middleware.runtime.embedded_redis import EmbeddedRedis
 
     monkeypatch.setenv("NAN_SCORER_SLEEP", "1")
     server = EmbeddedRedis()

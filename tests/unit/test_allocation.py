@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from middleware.allocation import (
+from middleware.scheduler.allocation import (
     ALLOCATORS,
     BernoulliGains,
     KdeMonteCarloGains,

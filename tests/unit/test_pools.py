@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from middleware.bench.allocation import simulate
-from middleware.pools import (
+from middleware.bench.pools import (
     SYNTHETIC_KINDS,
     Pool,
     PoolError,

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from middleware.scheduler_core import CoreConfig, Plan, SchedulerCore, make_job_id, rank_samples, request_seed
+from middleware.scheduler.core import CoreConfig, Plan, SchedulerCore, make_job_id, rank_samples, request_seed
 from schemas import (
     AlignRequest,
     ErrorCode,

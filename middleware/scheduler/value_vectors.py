@@ -1,6 +1,6 @@
 """Value vectors V_i[j] = E[max(c_i, X_1..X_j)] and their marginal gains Δ_i[j] = V_i[j+1] - V_i[j].
 
-Pure numpy, no I/O: the estimates behind ``middleware.allocation``. Each gains object is a callable
+Pure numpy, no I/O: the estimates behind ``middleware.scheduler.allocation``. Each gains object is a callable
 ``(prompt, j_start, j_stop) -> Δ[j_start:j_stop]``; the concave ones (``is_concave``) also offer
 ``block(prompts, j_start, j_stop)`` for many prompts at once.
 

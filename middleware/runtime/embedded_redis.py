@@ -21,6 +21,8 @@ import time
 from types import TracebackType
 from typing import Self
 
+from middleware.errors import EmbeddedRedisError
+
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 10.0
@@ -33,10 +35,6 @@ def _tail(path: str, num_chars: int = 500) -> str:
             return f.read()[-num_chars:].strip()
     except OSError:
         return "(no log)"
-
-
-class EmbeddedRedisError(RuntimeError):
-    """No usable redis-server binary, or it did not start: the message says what to install."""
 
 
 def find_redis_server() -> str:

@@ -25,8 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from schemas import AlignRequest, AlignResult, Event, Method, ResultStatus, Sample
 
 MAX_CHOICES = 64
+MAX_BATCH_ITEMS = 10_000
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 3
+#: ``model`` values that mean "the deployment's default model" (OpenAI clients must send something).
+DEFAULT_MODEL_ALIASES = frozenset({"", "alignq", "default"})
 
 
 class AlignqFields(BaseModel):
@@ -57,12 +60,21 @@ class AlignqFields(BaseModel):
             "budget": self.budget, "method": self.method, "priority": self.priority, "deadline_ms": self.deadline_ms,
             "seed": self.seed, "max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
             "metadata": self.metadata, "request_id": self.request_id,
+            "model": None if self.model in DEFAULT_MODEL_ALIASES else self.model,
         }
         return {key: value for key, value in fields.items() if value is not None}
 
     @property
     def include_usage_chunk(self) -> bool:
         return bool(self.stream_options and self.stream_options.get("include_usage"))
+
+
+class BatchBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_BATCH_ITEMS)
+    defaults: dict[str, Any] = Field(default_factory=dict)  # AlignRequest fields applied to every item
+    timeout_s: float | None = Field(default=None, gt=0)
 
 
 class ChatMessageBody(BaseModel):

@@ -20,27 +20,19 @@ in-flight requests get ``shutdown_grace_s`` to finish; the rest stay un-acked fo
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import signal
-import socket
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from middleware.metrics import Telemetry
-from middleware.scheduler_core import Answer, CoreConfig, Plan, SchedulerCore, error_result
+from middleware.scheduler.core import Answer, CoreConfig, Plan, SchedulerCore, error_result
 from middleware.settings import SchedulerSettings
-from middleware.streams import StreamConsumer, StreamEntry, dead_letter
 from schemas import (
     PAYLOAD_FIELD,
     SCHEDULER_GROUP,
@@ -48,9 +40,7 @@ from schemas import (
     ErrorCode,
     ErrorInfo,
     Event,
-    EventKind,
     Keys,
-    ResultStatus,
     Sample,
     SampleSet,
     SchemaError,
@@ -59,18 +49,21 @@ from schemas import (
     now_ms,
     salvage_request_id,
 )
+from schemas.keys import Lane
+from schemas.messages import terminal_event_kind
+from schemas.lifecycle import heartbeat_value, new_instance_id, stop_on_signals
+from schemas.transport import REDIS_ERRORS, StreamConsumer, StreamEntry, connect, dead_letter, retry_with_backoff
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
-SOCKET_TIMEOUT_S = 10.0  # every Redis call is bounded; blocking reads use far less
 READ_BLOCK_MS = 250
 MAX_BACKOFF_S = 2.0
 ANSWER_TIMEOUT_S = 15.0  # a shielded answer still gives up eventually (the entry stays for reclaim)
 SAMPLES_STREAM_TTL_S = 3_600
+CANCEL_POLL_S = 0.2  # how soon a cancellation stops a window from waiting on the request
 
-# KEYS: claim marker, result, events, pending zset, requests stream, kept samples.
+# KEYS: claim marker, result, events, pending zset, requests stream, kept samples, tenant samples hash.
 # ARGV: request_id, encoded result, encoded terminal event, ttl_s, group, entry_id ('' for none), owner.
 # Returns 1 if this call answered the request, 0 if it had been answered already.
 ANSWER_LUA = """
@@ -81,6 +74,7 @@ if redis.call('SET', KEYS[1], ARGV[7], 'NX', 'EX', ARGV[4]) then
   redis.call('EXPIRE', KEYS[3], ARGV[4])
   redis.call('ZREM', KEYS[4], ARGV[1])
   redis.call('DEL', KEYS[6])
+  redis.call('HDEL', KEYS[7], ARGV[1])
   answered = 1
 end
 if ARGV[6] ~= '' then
@@ -88,17 +82,6 @@ if ARGV[6] ~= '' then
 end
 return answered
 """
-
-
-def new_instance_id(role: str) -> str:
-    """A consumer name unique to this process: host, pid and a random suffix."""
-    host = "".join(c if c.isalnum() or c in "-_." else "-" for c in socket.gethostname())[:40] or "host"
-    return f"{role}-{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-def connect(redis_url: str) -> aioredis.Redis:
-    return aioredis.Redis.from_url(redis_url, decode_responses=False, socket_timeout=SOCKET_TIMEOUT_S,
-                                   socket_connect_timeout=5, health_check_interval=30)
 
 
 class Scheduler:
@@ -119,7 +102,6 @@ class Scheduler:
         self._answer_script = self.redis.register_script(ANSWER_LUA)
         self._samples_stream = self.keys.samples(self.scheduler_id)
         self._samples_cursor = "0-0"
-        self._draining = False
         self.num_answered = 0
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -135,11 +117,11 @@ class Scheduler:
                 tg.start_soon(self._samples_loop)
                 tg.start_soon(self._janitor_loop, stop)
                 tg.start_soon(self._heartbeat_loop)
+                tg.start_soon(self._cancel_loop)
                 tg.start_soon(self.telemetry.run)
                 if ready is not None:
                     ready.set()
                 await stop.wait()
-                self._draining = True
                 logger.info("scheduler draining scheduler_id=%s in_flight=%d grace_s=%.1f",
                             self.scheduler_id, self.core.num_in_flight, self.settings.shutdown_grace_s)
                 with anyio.move_on_after(self.settings.shutdown_grace_s):
@@ -171,15 +153,7 @@ class Scheduler:
         logger.info("scheduler stopped scheduler_id=%s answered=%d", self.scheduler_id, self.num_answered)
 
     async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """``call()`` until it succeeds, backing off on connection errors (Redis restarting)."""
-        delay_s = 0.05
-        while True:
-            try:
-                return await call()
-            except REDIS_ERRORS as e:
-                logger.warning("redis error during %s, retrying in %.2f s: %s", what, delay_s, e)
-                await anyio.sleep(delay_s)
-                delay_s = min(MAX_BACKOFF_S, delay_s * 2)
+        return await retry_with_backoff(what, call, max_backoff_s=MAX_BACKOFF_S)
 
     # -- loops ------------------------------------------------------------------------------------
     async def _intake_loop(self, stop: anyio.Event) -> None:
@@ -236,6 +210,23 @@ class Scheduler:
                     await self._take(entries, redelivered=True)
             await self._retry("recover replies", self._recover_stale_jobs)
 
+    async def _cancel_loop(self) -> None:
+        """Poll the cancelled markers of the requests we hold (one MGET); drop the cancelled ones."""
+        while True:
+            await anyio.sleep(CANCEL_POLL_S)
+            request_ids = list(self.core.requests)
+            if not request_ids:
+                continue
+            markers = await self._retry("read cancellations", lambda ids=request_ids: self.redis.mget(
+                [self.keys.cancelled(rid) for rid in ids]))
+            plan = Plan()
+            for request_id, marker in zip(request_ids, markers):
+                if marker is not None and request_id in self.core.requests:
+                    logger.info("cancelled request_id=%s: dropping its work", request_id)
+                    plan.extend(self.core.cancel(request_id, now_ms()))
+            if plan:
+                await self._apply(plan)
+
     async def _heartbeat_loop(self) -> None:
         interval_s = self.settings.heartbeat_ms / 1000
         ttl_s = max(1, math.ceil(3 * interval_s))
@@ -244,7 +235,7 @@ class Scheduler:
             await anyio.sleep(interval_s)
 
     async def _beat(self, ttl_s: int) -> None:
-        state = json.dumps({"in_flight": self.core.num_in_flight, "at_ms": now_ms()})
+        state = heartbeat_value("scheduler", self.scheduler_id, in_flight=self.core.num_in_flight)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(self.keys.heartbeat("scheduler", self.scheduler_id), state, ex=ttl_s)
             pipe.expire(self._samples_stream, SAMPLES_STREAM_TTL_S)
@@ -254,7 +245,7 @@ class Scheduler:
         if not held:
             return
         try:
-            still_ours = set(await self.requests.renew(list(held)))
+            still_ours = await self.requests.renew(list(held))
         except ResponseError as e:  # NOGROUP: Redis lost the stream; nothing is ours any more
             logger.warning("lease renewal failed: %s", e)
             still_ours = set()
@@ -377,18 +368,21 @@ class Scheduler:
             for event in plan.events:  # before the jobs: a reply can only follow its own events
                 pipe.xadd(self.keys.events(event.request_id), {PAYLOAD_FIELD: encode(event)})
                 pipe.expire(self.keys.events(event.request_id), ttl_s)
-            for job in plan.jobs:
-                pipe.xadd(self.keys.jobs, {PAYLOAD_FIELD: encode(job)})
+            for job in plan.jobs:  # a lane per priority class, a stream per model (schemas.keys)
+                pipe.xadd(self.keys.job_stream(job.model, Lane.of(job.priority)), {PAYLOAD_FIELD: encode(job)})
             await pipe.execute()
 
     async def _publish_answer(self, answer: Answer) -> None:
         """Answer once (Lua), shielded from cancellation and bounded in time."""
         result = answer.result
-        kind = EventKind.ERROR if result.status == ResultStatus.ERROR else EventKind.DONE
+        kind = terminal_event_kind(result.status)
         event = Event(request_id=result.request_id, kind=kind, at_ms=result.completed_at_ms, result=result)
         rid = result.request_id
+        state = self.core.requests.get(rid)
+        tenant = state.request.tenant if state is not None else rid.rpartition("/")[0]
         keys = [self.keys.request_claim(rid), self.keys.result(rid), self.keys.events(rid),
-                self.keys.pending_requests, self.keys.requests, self.keys.kept_samples(rid)]
+                self.keys.pending_requests, self.keys.requests, self.keys.kept_samples(rid),
+                self.keys.quota_samples(tenant or "")]
         args = [rid, encode(result), encode(event), self.settings.result_ttl_s, SCHEDULER_GROUP,
                 answer.entry_id or "", self.scheduler_id]
         answered = None
@@ -412,21 +406,10 @@ async def serve_scheduler(settings: SchedulerSettings, *, stop: anyio.Event | No
     stop = stop or anyio.Event()
     scheduler = Scheduler(settings, scheduler_id=scheduler_id)
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_stop_on_signals, stop)
+        tg.start_soon(stop_on_signals, stop)
         await scheduler.run(stop=stop, ready=ready)
         tg.cancel_scope.cancel()
     return scheduler
-
-
-async def _stop_on_signals(stop: anyio.Event) -> None:
-    """Only sets the event: the loops see it and drain."""
-    try:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                logger.info("received %s: draining", signal.Signals(signum).name)
-                stop.set()
-    except (NotImplementedError, ValueError, RuntimeError):  # not the main thread: the caller stops us
-        await anyio.sleep_forever()
 
 
 def run_scheduler(settings: SchedulerSettings) -> int:

@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from middleware.errors import PoolError
+
 logger = logging.getLogger(__name__)
 
 POOL_FORMAT_VERSION = 1
@@ -39,10 +41,6 @@ SYNTHETIC_KINDS = {
     "bernoulli": "0/1 rewards, success rates log-spaced from 0.01 to 0.9 (a verifiable reward)",
     "alike": "every prompt the same standard normal: nothing for allocation to find",
 }
-
-
-class PoolError(ValueError):
-    """A pool or prompt file that cannot be read: the message says which line and what to fix."""
 
 
 @dataclass(slots=True)

@@ -6,7 +6,7 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from middleware.streams import StreamConsumer, dead_letter
+from schemas.transport import StreamConsumer, dead_letter
 from schemas import PAYLOAD_FIELD, DeadLetter, Keys, decode
 
 pytestmark = pytest.mark.anyio
@@ -71,7 +71,7 @@ async def test_claim_stale_takes_entries_of_a_dead_consumer_and_renew_keeps_a_le
     await dead.read(count=1, block_ms=10)
     await alive.read(count=1, block_ms=10)
     await anyio.sleep(0.12)
-    assert await alive.renew([ids[1]]) == [ids[1]]  # alive keeps its lease; dead does not
+    assert await alive.renew([ids[1]]) == {ids[1]}  # alive keeps its lease; dead does not
     claimed = await thief.claim_stale(min_idle_ms=100)
     assert [e.entry_id for e in claimed] == [ids[0]] and claimed[0].payload == b"1"
     counts = await thief.delivery_counts(ids)
@@ -100,7 +100,7 @@ async def test_renew_never_takes_back_an_entry_another_consumer_claimed(redis: a
     ids = await add(redis, b"1", b"2")
     await slow.read(count=2, block_ms=10)
     await redis.xclaim(KEYS.requests, GROUP, "other", min_idle_time=0, message_ids=[ids[0]])
-    assert await slow.renew(ids) == [ids[1]]
-    assert await other.renew(ids) == [ids[0]]
+    assert await slow.renew(ids) == {ids[1]}
+    assert await other.renew(ids) == {ids[0]}
     await slow.ack(ids[1])
-    assert await slow.renew(ids) == []
+    assert await slow.renew(ids) == set()

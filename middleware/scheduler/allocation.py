@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from middleware.value_vectors import (
+from middleware.scheduler.value_vectors import (
     ABSOLUTE_BANDWIDTH_FLOOR,
     GRID_SPAN_STDS,
     BernoulliGains,

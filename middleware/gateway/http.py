@@ -7,16 +7,22 @@ import time
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
-from middleware.client import (
+from middleware.errors import (
     BadRequest,
+    ClientError,
+    Conflict,
     ConnectionLost,
+    GatewayError,
+    ModelNotFound,
     Overloaded,
+    QuotaExceeded,
+    RequestCancelled,
     RequestFailed,
     RequestLost,
     ResultTimeout,
 )
-from middleware.errors import ClientError
 from schemas import AlignResult, ErrorCode
 
 MAX_BODY_BYTES = 32 * 1024 * 1024  # a batch of large prompts; one prompt is capped far lower by the schema
@@ -27,27 +33,51 @@ _RESULT_ERROR_STATUS = {
     ErrorCode.OVERLOADED: (429, "rate_limit_error"),
     ErrorCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
     ErrorCode.LOST: (503, "server_error"),
+    ErrorCode.CONFLICT: (409, "invalid_request_error"),
+    ErrorCode.MODEL_NOT_FOUND: (404, "invalid_request_error"),
+    ErrorCode.BACKEND_FAILED: (502, "server_error"),
 }
 
 
-class GatewayError(Exception):
-    """An error answered in OpenAI's shape."""
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
-        self.headers = dict(headers or {})
-        if status in (400, 401, 404, 413, 504) or (status == 500 and code != "internal"):
-            self.headers.setdefault("x-should-retry", "false")
 
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+class ErrorBody(BaseModel):
+    """OpenAI's error shape, the body of every non-2xx answer."""
+
+    error: ErrorDetail
+
+
+_STATUS_TEXT = {400: "Bad request: the body fails validation", 401: "Missing or invalid API key",
+                404: "Unknown request id in this tenant, or a model no live worker serves",
+                405: "Method not allowed (see the Allow header)", 409: "The request_id was used for a different "
+                "request, or the request was cancelled", 413: "Body too large",
+                429: "Overloaded or past the key's quota; see Retry-After", 499: "The client disconnected",
+                500: "The pipeline failed", 502: "The inference server refused the request",
+                503: "Redis unreachable, or it lost the request", 504: "No answer within the deadline"}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses, each with OpenAI's error body."""
+    return {status: {"model": ErrorBody, "description": _STATUS_TEXT[status]} for status in statuses}
 
 
 def error_from_client(error: ClientError) -> GatewayError:
     if isinstance(error, BadRequest):
         return GatewayError(400, str(error), code="bad_request")
+    if isinstance(error, Conflict):
+        return GatewayError(409, str(error), code="conflict", param="request_id")
+    if isinstance(error, ModelNotFound):
+        return GatewayError(404, str(error), code="model_not_found", param="model")
+    if isinstance(error, QuotaExceeded):
+        return GatewayError(429, str(error), type="rate_limit_error", code="quota_exceeded",
+                            headers={"Retry-After": str(max(1, math.ceil(error.retry_after_s)))})
+    if isinstance(error, RequestCancelled):
+        return GatewayError(409, str(error), code="cancelled")
     if isinstance(error, Overloaded):
         return GatewayError(429, str(error), type="rate_limit_error", code="overloaded",
                             headers={"Retry-After": str(max(1, math.ceil(error.retry_after_s)))})

@@ -1,6 +1,6 @@
 """The scheduler's pure core: windows, stages, per-request sample sets and the plans they produce.
 
-No I/O, no clock, no event loop. The async shell (``middleware.scheduler``) feeds it what happened —
+No I/O, no clock, no event loop. The async shell (``middleware.scheduler.service``) feeds it what happened —
 a request taken from the stream (``admit``), time passing (``tick``), a worker's reply
 (``on_sample_set``), samples found kept in Redis (``on_kept_samples``) — and executes the ``Plan``
 each call returns: jobs to XADD, progress events to XADD, answers to publish exactly once.
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from middleware.allocation import num_explore_samples, plan_window
+from middleware.scheduler.allocation import num_explore_samples, plan_window
 from schemas import (
     AlignRequest,
     AlignResult,
@@ -309,6 +309,17 @@ class SchedulerCore:
         window = self.windows.get(state.window_id) if state is not None and state.window_id is not None else None
         return self._plan_if_explored(window, now_ms) if window is not None else Plan()
 
+    def cancel(self, request_id: str, now_ms: int) -> Plan:
+        """The request was answered ``cancelled`` elsewhere: forget it, ack its entry, reallocate nothing to it.
+
+        Its window's stage 2 no longer waits for it, and allocates only among the others.
+        """
+        entry_id = self.requests[request_id].entry_id if request_id in self.requests else None
+        plan = self.release(request_id, now_ms)
+        if entry_id is not None:
+            plan.acks.append(entry_id)
+        return plan
+
     def drop(self, request_id: str) -> RequestState | None:
         """Forget a request without answering it (its entry stays un-acked for another scheduler)."""
         state = self.requests.pop(request_id, None)
@@ -416,6 +427,9 @@ class SchedulerCore:
             aisp=request.aisp,
             metadata=dict(request.metadata),
             deadline_at_ms=request.deadline_at_ms,
+            model=request.model,
+            priority=request.priority,
+            traceparent=request.traceparent,
             created_at_ms=now_ms,
         )
         state.jobs[job.job_id] = ref
