@@ -1,4 +1,5 @@
-"""Print the README's configuration table from the settings classes (``python scripts/settings_table.py``).
+"""Write the README's configuration table from the settings classes (``python scripts/settings_table.py``;
+``--print`` prints it instead).
 
 tests/unit/test_readme.py checks the README holds exactly this table.
 """
@@ -6,6 +7,9 @@ tests/unit/test_readme.py checks the README holds exactly this table.
 from __future__ import annotations
 
 import json
+import re
+import sys
+from pathlib import Path
 
 from middleware.settings import GatewaySettings, SchedulerSettings
 from workers.settings import WorkerSettings
@@ -35,5 +39,17 @@ def render_table() -> str:
     return "\n".join(lines)
 
 
+def write_readme(path: Path = Path(__file__).resolve().parents[1] / "README.md") -> None:
+    """Replace the table between the README's settings-table markers."""
+    text = path.read_text()
+    pattern = re.compile(r"(<!-- settings-table -->\n).*?(\n<!-- /settings-table -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit("README lacks the settings-table markers")
+    path.write_text(pattern.sub(lambda m: m.group(1) + render_table() + m.group(2), text, count=1))
+
+
 if __name__ == "__main__":
-    print(render_table())
+    if "--print" in sys.argv:
+        print(render_table())
+    else:
+        write_readme()

@@ -23,7 +23,8 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any, Self
 
-from middleware.errors import ServiceError, UsageError
+from middleware.client.sdk import build_request
+from middleware.errors import BadRequest, ServiceError, UsageError
 from middleware.settings import SchedulerSettings
 from schemas import (
     AlignRequest,
@@ -51,7 +52,6 @@ INPUT_FIELDS = ("prompt", "request_id", "budget", "method", "max_new_tokens", "t
 def read_requests(source: str | Sequence[str], settings: SchedulerSettings, *, budget: int | None = None,
                   method: str | None = None) -> list[AlignRequest]:
     """Parse and validate every line before anything starts; a bad line is a UsageError naming it."""
-    from middleware.client import BadRequest, Client
     from middleware.scheduler.core import CoreConfig, SchedulerCore
 
     if isinstance(source, str):
@@ -83,7 +83,7 @@ def read_requests(source: str | Sequence[str], settings: SchedulerSettings, *, b
         if method is not None:
             fields.setdefault("method", method)
         try:
-            request = Client.build_request(fields.pop("prompt"), **fields)
+            request = build_request(fields.pop("prompt"), **fields)
         except BadRequest as e:
             raise UsageError(f"{where}: {e}") from e
         error = limits.validate(request)

@@ -156,23 +156,7 @@ class Client(ResultWaiting):
     # -- submit -----------------------------------------------------------------------------------
     def build_request(self, prompt: Any, **fields: Any) -> AlignRequest:
         """Validate ``prompt`` and AlignRequest ``fields`` in this client's tenant; BadRequest if invalid."""
-        if "tenant" in fields:
-            raise BadRequest("invalid request: tenant: set by the client (Client(tenant=...)), not per request")
-        request_id = fields.pop("request_id", None)
-        if request_id is not None and (not isinstance(request_id, str) or "/" in request_id):
-            raise BadRequest("invalid request: request_id: letters, digits and _ . : - only (1-128)")
-        try:
-            if request_id is not None:
-                fields["request_id"] = self.wire_id(request_id)
-            elif self.tenant is not None:
-                fields["request_id"] = self.wire_id(AlignRequest.model_fields["request_id"].default_factory())
-            return AlignRequest(prompt=prompt, tenant=self.tenant, **fields)
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ())) or "request"
-            raise BadRequest(f"invalid request: {where}: {first.get('msg')}") from e
-        except TypeError as e:  # e.g. prompt passed twice
-            raise BadRequest(f"invalid request: {e}") from e
+        return build_request(prompt, tenant=self.tenant, **fields)
 
     async def submit(self, prompt: Any, **fields: Any) -> str:
         """Queue one prompt; returns its request_id. Raises BadRequest, Conflict, QuotaExceeded or Overloaded."""
@@ -369,3 +353,24 @@ def _checked_tenant(tenant: str | None) -> str | None:
     except ValidationError as e:
         raise BadRequest(f"invalid tenant {tenant!r}: letters, digits and _ . - only (1-64)") from e
     return tenant
+
+
+def build_request(prompt: Any, *, tenant: str | None = None, **fields: Any) -> AlignRequest:
+    """Validate ``prompt`` and AlignRequest ``fields`` in ``tenant``'s scope, with no connection; BadRequest if invalid."""
+    if "tenant" in fields:
+        raise BadRequest("invalid request: tenant: set by the client (Client(tenant=...)), not per request")
+    request_id = fields.pop("request_id", None)
+    if request_id is not None and (not isinstance(request_id, str) or "/" in request_id):
+        raise BadRequest("invalid request: request_id: letters, digits and _ . : - only (1-128)")
+    try:
+        if request_id is not None:
+            fields["request_id"] = scoped_request_id(tenant, request_id)
+        elif tenant is not None:
+            fields["request_id"] = scoped_request_id(tenant, AlignRequest.model_fields["request_id"].default_factory())
+        return AlignRequest(prompt=prompt, tenant=tenant, **fields)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "request"
+        raise BadRequest(f"invalid request: {where}: {first.get('msg')}") from e
+    except TypeError as e:  # e.g. prompt passed twice
+        raise BadRequest(f"invalid request: {e}") from e
