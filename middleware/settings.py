@@ -9,14 +9,21 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class SchedulerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ALIGNQ_", env_nested_delimiter="__", extra="ignore")
 
-    redis_url: str | None = Field(default=None, description="Redis URL (redis://, rediss:// for TLS); none: embedded")
+    redis_url: str | None = Field(default=None, description="Redis URL: redis://, rediss:// (TLS), redis+sentinel://, redis+cluster://; none: embedded")
     namespace: str = Field(default="alignq", description="Prefix of every Redis key and stream")
+    shards: int = Field(default=1, ge=1, le=1024, description="S: requests and jobs spread over S hash-tagged shards (same in every process)")
+    redis_min_replicas: int = Field(default=0, ge=0, description="Replicas a submit and an answer wait for (WAIT) before they count")
+    shard_ids: str = Field(default="", description="Shards this process consumes, e.g. 0,2 (empty: all of 0..S-1)")
     max_window: int = Field(default=16, ge=1, description="Max prompts in one scheduling window")
     window_ms: int = Field(default=50, ge=0, description="Window closes this long (ms) after its first prompt")
     default_budget: int = Field(default=16, ge=1, description="Samples per prompt when a request sets none")
     max_budget: int = Field(default=256, ge=1, description="Largest budget a request may ask for")
     explore_fraction: float = Field(default=0.75, gt=0, le=1, description="Share of each budget spent exploring (d = f·B)")
     allocator: str = Field(default="adabon", description="Stage-2 allocator (see middleware.scheduler.allocation)")
+    spread_prior: bool = Field(default=False, description="Learn each prompt's reward spread from answered windows (shared in Redis) and use it as the allocator's prior")
+    prior_explore_fraction: float = Field(default=0.25, gt=0, le=1, description="Explore fraction once the spread model is fitted (spread_prior)")
+    spread_sync_s: float = Field(default=5.0, gt=0, description="Period (s) of pushing answered windows to the shared spread model and refitting")
+    deadline_rounds: bool = Field(default=True, description="A window whose deadline cannot fit two rounds is sampled in one (uniform Best-of-N)")
     max_new_tokens: int = Field(default=64, ge=1, description="Tokens per sample when a request sets none")
     temperature: float = Field(default=0.8, ge=0, description="Sampling temperature when a request sets none")
     top_p: float = Field(default=0.95, gt=0, le=1, description="Nucleus sampling when a request sets none")
@@ -45,8 +52,10 @@ class ApiKeySpec(BaseModel):
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ALIGNQ_", env_nested_delimiter="__", extra="ignore")
 
-    redis_url: str | None = Field(default=None, description="Redis URL (redis://, rediss:// for TLS)")
+    redis_url: str | None = Field(default=None, description="Redis URL: redis://, rediss:// (TLS), redis+sentinel://, redis+cluster://")
     namespace: str = Field(default="alignq", description="Prefix of every Redis key and stream")
+    shards: int = Field(default=1, ge=1, le=1024, description="S: requests and jobs spread over S hash-tagged shards (same in every process)")
+    redis_min_replicas: int = Field(default=0, ge=0, description="Replicas a submit and an answer wait for (WAIT) before they count")
     host: str = Field(default="127.0.0.1", description="Gateway bind address")
     port: int = Field(default=8000, ge=0, le=65535, description="Gateway port")
     api_keys: list[str] | dict[str, ApiKeySpec] = Field(

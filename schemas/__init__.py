@@ -4,6 +4,8 @@ from schemas.codec import MAX_MESSAGE_BYTES, PAYLOAD_FIELD, decode, decode_raw, 
 from schemas.errors import InvalidMessage, MalformedMessage, MessageTooLarge, SchemaError
 from schemas.keys import DEFAULT_NAMESPACE, SCHEDULER_GROUP, WORKER_GROUP, Keys
 from schemas.messages import (
+    ANSWERED_STATUSES,
+    FAILED_STATUSES,
     MAX_BUDGET,
     MAX_NEW_TOKENS,
     MAX_PROMPT_CHARS,
@@ -29,7 +31,9 @@ from schemas.messages import (
 )
 
 __all__ = [
+    "ANSWERED_STATUSES",
     "DEFAULT_NAMESPACE",
+    "FAILED_STATUSES",
     "MAX_BUDGET",
     "MAX_MESSAGE_BYTES",
     "MAX_NEW_TOKENS",

@@ -64,6 +64,8 @@ class ResultStatus(StrEnum):
 
 #: Results that carry a response.
 ANSWERED_STATUSES = frozenset({ResultStatus.OK, ResultStatus.PARTIAL})
+#: Results without one: the request failed or was cancelled (the client raises RequestFailed for them).
+FAILED_STATUSES = frozenset({ResultStatus.ERROR, ResultStatus.CANCELLED})
 
 
 class EventKind(StrEnum):
@@ -79,11 +81,14 @@ class EventKind(StrEnum):
 TERMINAL_EVENT_KINDS = frozenset({EventKind.DONE, EventKind.ERROR, EventKind.CANCELLED})
 
 
+#: The terminal event that carries a result of each status.
+TERMINAL_EVENT_BY_STATUS = {ResultStatus.OK: EventKind.DONE, ResultStatus.PARTIAL: EventKind.DONE,
+                            ResultStatus.ERROR: EventKind.ERROR, ResultStatus.CANCELLED: EventKind.CANCELLED}
+
+
 def terminal_event_kind(status: ResultStatus) -> EventKind:
     """The terminal event that carries a result of ``status``."""
-    if status == ResultStatus.ERROR:
-        return EventKind.ERROR
-    return EventKind.CANCELLED if status == ResultStatus.CANCELLED else EventKind.DONE
+    return TERMINAL_EVENT_BY_STATUS[status]
 
 
 class ErrorCode(StrEnum):

@@ -23,13 +23,24 @@ from typing import Any, TypeVar
 
 import anyio
 import redis.asyncio as aioredis
+from redis.exceptions import (
+    AskError,
+    BusyLoadingError,
+    ClusterDownError,
+    ClusterError,
+    MasterDownError,
+    ReadOnlyError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas.codec import PAYLOAD_FIELD, encode
-from schemas.keys import LANES_BY_PRIORITY, Keys, Lane, lane_read_order
+from schemas.keys import LANES_BY_PRIORITY, Keys, Lane, lane_read_order, tag_of
 from schemas.messages import DeadLetter
+from schemas.topology import SENTINEL_SCHEME, cluster_client, is_cluster_url, sentinel_client
 
 __all__ = [
     "DEAD_LETTER_MAXLEN",
@@ -50,7 +61,11 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: Errors that mean "Redis is unreachable right now" (restarting, failing over): retry with backoff.
-REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+#: READONLY: we reached a demoted primary; MASTERDOWN/CLUSTERDOWN/TRYAGAIN/MOVED/ASK: a failover or
+#: resharding in progress (redis-py's cluster client refreshes its slot map on these).
+REDIS_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError, RedisTimeoutError, OSError, BusyLoadingError, ReadOnlyError, MasterDownError,
+    ClusterDownError, ClusterError, TryAgainError, AskError, SlotNotCoveredError)
 SOCKET_TIMEOUT_S = 10.0  # every Redis call is bounded; blocking reads use far less
 CONNECT_TIMEOUT_S = 5.0
 MAX_BACKOFF_S = 2.0
@@ -74,12 +89,18 @@ return kept
 
 def connect(redis_url: str, *, max_connections: int | None = None, blocking_pool: bool = False,
             socket_timeout_s: float | None = SOCKET_TIMEOUT_S) -> aioredis.Redis:
-    """A bytes-mode client for ``redis_url`` (``redis://``, ``rediss://``, ``unix://``).
+    """A bytes-mode client for ``redis_url`` (``redis://``, ``rediss://``, ``unix://``, and
+    ``redis+sentinel://`` / ``redis+cluster://``: ``schemas.topology``).
 
     ``blocking_pool`` waits for a free connection instead of failing at ``max_connections`` (the SDK).
     """
     options: dict[str, Any] = {"socket_timeout": socket_timeout_s, "socket_connect_timeout": CONNECT_TIMEOUT_S,
                                "health_check_interval": 30}
+    if redis_url.startswith(SENTINEL_SCHEME + "://") or is_cluster_url(redis_url):
+        if max_connections is not None:
+            options["max_connections"] = max_connections
+        make = cluster_client if is_cluster_url(redis_url) else sentinel_client
+        return make(redis_url, **options)  # type: ignore[return-value]
     if blocking_pool:
         pool = aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=max_connections or 64,
                                                         timeout=socket_timeout_s, **options)
@@ -147,6 +168,10 @@ class StreamConsumer:
         self._own_cursor: str | None = "0"  # None once our own pending entries are drained
         self._claim_cursor = "0-0"
         self._renew_script = redis.register_script(RENEW_LUA)
+
+    def reread_own_pending(self) -> None:
+        """Start again from the entries delivered to us and not acked (after a failover, as on a restart)."""
+        self._own_cursor = "0"
 
     @property
     def is_reading_own_pending(self) -> bool:
@@ -276,9 +301,14 @@ class LanedConsumer:
                     entries += await consumer.read(count=count - len(entries), block_ms=None)
         if entries or block_ms is None:
             return entries
+        # One XREADGROUP may name streams of one slot only (a cluster): block on one shard's streams
+        # per read, in turn, each for a share of block_ms.
+        tags = sorted({tag_of(stream) for stream in self.streams}, key=str)
+        tag = tags[self._num_reads % len(tags)]
+        streams = [stream for stream in self.streams if tag_of(stream) == tag]
         try:
-            reply = await self.redis.xreadgroup(self.group, self.consumer, {s: ">" for s in self.streams},
-                                                count=count, block=max(1, block_ms))
+            reply = await self.redis.xreadgroup(self.group, self.consumer, {s: ">" for s in streams},
+                                                count=count, block=max(1, block_ms // len(tags)))
         except ResponseError as e:
             if not is_stream_gone(e):
                 raise
@@ -335,8 +365,8 @@ async def dead_letter(redis: Any, keys: Keys, *, source_stream: str, group: str 
     """
     letter = DeadLetter(source_stream=source_stream, entry_id=entry_id, reason=reason[:4000],
                         payload=(payload or b"")[:65_536], request_id=request_id)
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.xadd(keys.dead_letters, {PAYLOAD_FIELD: encode(letter)}, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
+    async with redis.pipeline(transaction=True) as pipe:  # the source's shard: one slot per transaction
+        pipe.xadd(keys.for_stream(source_stream).dead_letters, {PAYLOAD_FIELD: encode(letter)}, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
         if extra is not None:
             extra(pipe)
         if group is not None:

@@ -1,6 +1,8 @@
 """Shared fixtures: a real Redis database flushed around each test, tiny random models on disk.
 
-Set ``ALIGNQ_TEST_REDIS_URL`` to run against another server or database (default db 15).
+Set ``ALIGNQ_TEST_REDIS_URL`` to run against another server or database (default db 15). When nothing
+answers there, the session starts an embedded Redis (``middleware.runtime.embedded_redis``, what
+``alignq run`` uses) and points ``ALIGNQ_TEST_REDIS_URL`` at it, for the tests and their subprocesses.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import pathlib
 import pytest
 
 TEST_REDIS_URL = os.environ.get("ALIGNQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+_EMBEDDED_REDIS = None  # the session's own server, when TEST_REDIS_URL did not answer
 TEST_CACHE = pathlib.Path(os.environ.get("ALIGNQ_TEST_CACHE", pathlib.Path.home() / ".cache" / "alignq" / "test-models"))
 TINY_MODELS_VERSION = "v1"
 
@@ -19,6 +22,41 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _answers(url: str) -> bool:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=2.0)
+    try:
+        return bool(client.ping())
+    except (redis.ConnectionError, redis.TimeoutError):
+        return False
+    finally:
+        client.close()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """No Redis at the test URL: start an embedded one for the session, on the same database number."""
+    global TEST_REDIS_URL, _EMBEDDED_REDIS
+    if _answers(TEST_REDIS_URL):
+        return
+    from urllib.parse import urlsplit
+
+    from middleware.runtime.embedded_redis import EmbeddedRedis
+
+    server = EmbeddedRedis()
+    server.start()  # EmbeddedRedisError says how to get a Redis when none can be started
+    database = urlsplit(TEST_REDIS_URL).path.lstrip("/") or "0"
+    _EMBEDDED_REDIS = server
+    TEST_REDIS_URL = f"redis://127.0.0.1:{server.port}/{database}"
+    os.environ["ALIGNQ_TEST_REDIS_URL"] = TEST_REDIS_URL
+    print(f"conftest: nothing answered at the test URL; embedded Redis at {TEST_REDIS_URL}")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _EMBEDDED_REDIS is not None:
+        _EMBEDDED_REDIS.stop()
 
 
 @pytest.fixture
@@ -76,7 +114,8 @@ def _build_tiny(target: pathlib.Path, tokenizer_dir: pathlib.Path, kind: str) ->
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    common = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    common = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+              "eos_token_id": tokenizer.eos_token_id}
     if kind == "llama":
         config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, **common)

@@ -1,33 +1,37 @@
 """AISP: adaptive importance sampling on pre-logits (DESIGN.md §4), batched over prompts.
 
-Boundary: this module decodes and loops; the importance math lives in ``workers.aisp_weights``
-(pure functions). It needs a loaded ``Policy`` (any Hugging Face causal LM with an output-embedding
+Boundary: this module loops; the importance math lives in ``workers.aisp_weights`` (pure
+functions), the hooked decode loop in ``workers.aisp_decode``. It needs a loaded ``Policy`` (any Hugging Face causal LM with an output-embedding
 head) and a ``RewardModel``; it never touches Redis.
 
 How a batch runs (``run_aisp``):
 1. Requests are grouped so one group's rollouts (Σ n) fit ``max_batch`` rows.
 2. Each group's prompts are prefilled once (all but their last token, left-padded); the pre-logit
    norm ‖z‖ is measured there, which scales a relative σ and the ‖u_t‖ cap.
-3. k iterations: each prompt draws V_i = U + σ ε_i from its own seeded generator, every rollout of
-   every prompt is decoded greedily in the same forward passes (cache rows repeated from the
-   prefill), v_t is added to the pre-logit of the t-th generated token for t ≤ τ by a forward
-   pre-hook on the LM head, rollouts are scored, and U moves to the importance-weighted mean.
+3. k iterations: each prompt draws V_i = U + σ ε_i (and, for sampled rollouts, its uniforms) from
+   its own seeded generator, every rollout of every prompt is decoded in the same forward passes
+   (cache rows repeated from the prefill), greedily as in the paper or by sampling
+   (``temperature`` > 0), v_t is added to the pre-logit of the t-th generated token for t ≤ τ by a
+   forward pre-hook on the LM head, rollouts are scored, and U moves to the importance-weighted
+   mean (with ``keep_elite``, the best (V, r) so far takes part in every update).
 4. The answer is the best-reward rollout over all n·k.
+
+A ``schedule`` (``workers.aisp_window``) puts all requests in one group and decides after each
+round which requests run another iteration: AISP iterations shared out across a window.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from workers.aisp_decode import PrelogitPerturbation, decode_rollouts, perturb_prelogits, prefill
 from workers.aisp_weights import importance_step
 from workers.engine import GeneratedSample
 from workers.errors import RewardError
@@ -38,8 +42,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AispConfig", "AispProgress", "AispRequest", "AispResult", "PrelogitPerturbation", "perturb_prelogits",
-           "run_aisp", "split_budget"]
+__all__ = ["AispConfig", "AispProgress", "AispRequest", "AispResult", "PrelogitPerturbation", "Schedule",
+           "perturb_prelogits", "run_aisp", "split_budget"]
 
 
 @dataclass(slots=True)
@@ -54,6 +58,9 @@ class AispConfig:
     standardize_rewards: bool = True  # z-score rewards within each iteration before dividing by λ
     max_u_norm: float | None = 0.4  # cap on ‖u_t‖ relative to mean ‖z‖ (absolute if sigma is); None: no cap
     sigma_decay: float = 0.5  # σ of iteration j is sigma · sigma_decay**j (< 1: explore, then refine)
+    temperature: float = 0.0  # rollout sampling temperature under the perturbation; 0: greedy (the paper)
+    top_p: float = 1.0  # nucleus of sampled rollouts
+    keep_elite: bool = False  # the best (V, r) of all past iterations joins every importance step
 
     def validate(self) -> None:
         if self.num_rollouts < 1 or self.num_iterations < 1:
@@ -68,6 +75,8 @@ class AispConfig:
             raise ValueError("sigma_decay must be > 0")
         if self.max_u_norm is not None and self.max_u_norm < 0:
             raise ValueError("max_u_norm must be >= 0")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)) or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
 
 
 @dataclass(slots=True)
@@ -119,52 +128,6 @@ def split_budget(budget: int, num_rollouts: int) -> tuple[int, int]:
     return n, budget // n
 
 
-class PrelogitPerturbation:
-    """Forward pre-hook state for an LM head: adds ``delta`` (rows, d) to each row's last position.
-
-    ``capture`` keeps the head's input (the pre-logits) of the next calls in ``captured``.
-    """
-
-    def __init__(self) -> None:
-        self.delta: torch.Tensor | None = None
-        self.capture = False
-        self.captured: torch.Tensor | None = None
-
-    def __call__(self, module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        hidden = args[0]  # (rows, positions, d)
-        if self.capture:
-            self.captured = hidden.detach()
-        if self.delta is None:
-            return None
-        hidden = hidden.clone()
-        hidden[:, -1, :] += self.delta.to(hidden.dtype)
-        return (hidden, *args[1:])
-
-
-@contextmanager
-def perturb_prelogits(model: torch.nn.Module) -> Iterator[PrelogitPerturbation]:
-    """Hook the model's output-embedding head for the duration of the block; removed even on errors."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no output-embedding head: AISP perturbs its input")
-    state = PrelogitPerturbation()
-    handle = head.register_forward_pre_hook(state)
-    try:
-        yield state
-    finally:
-        handle.remove()
-
-
-@dataclass(slots=True)
-class _Prefill:
-    cache: Any  # KV cache of all but the last prompt token, one row per prompt
-    mask: torch.Tensor  # (P, L-1) attention mask of the cached positions
-    last_tokens: torch.Tensor  # (P,) each prompt's last token: the first decode input
-    positions: torch.Tensor  # (P,) position id of that last token
-    mean_norm: torch.Tensor  # (P,) mean ‖z‖ over the prompt's cached positions (float32, CPU)
-    width: int  # d, the pre-logit width
-
-
 @dataclass(slots=True)
 class _Chain:
     """One request's loop state."""
@@ -179,6 +142,8 @@ class _Chain:
     mean: torch.Tensor | None = None  # U (τ, d), float32 on CPU
     sigma_abs: float = 0.0  # σ of the current iteration, absolute
     max_norm_abs: float | None = None
+    elite: tuple[float, torch.Tensor] | None = None  # best (reward, V (τ, d)) so far, with keep_elite
+    is_paused: bool = False  # a schedule left it out of the next round
     result: AispResult | None = None
 
     @property
@@ -186,84 +151,6 @@ class _Chain:
         assert self.result is not None
         return self.result.error is None and len(self.result.ess) < self.num_iterations
 
-
-def _prefill(policy: Any, state: PrelogitPerturbation, prompts: list[list[int]], pad_id: int) -> _Prefill:
-    """Run all but the last token of each prompt (left-padded) once; measure the pre-logit norms."""
-    device = policy.device
-    width = max(len(ids) for ids in prompts) - 1
-    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        if len(ids) > 1:
-            input_ids[row, width - len(ids) + 1:] = torch.tensor(ids[:-1])
-            mask[row, width - len(ids) + 1:] = 1
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    input_ids, mask, positions = input_ids.to(device), mask.to(device), positions.to(device)
-    state.capture, state.captured = True, None
-    try:
-        output = policy.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    finally:
-        state.capture = False
-    hidden = state.captured.float()  # (P, L-1, d)
-    state.captured = None
-    norms = hidden.norm(dim=-1) * mask
-    mean_norm = (norms.sum(-1) / mask.sum(-1).clamp_min(1)).cpu()
-    last_tokens = torch.tensor([ids[-1] for ids in prompts], device=device)
-    return _Prefill(output.past_key_values, mask, last_tokens, mask.sum(-1), mean_norm, hidden.shape[-1])
-
-
-def _decode(
-    policy: Any,
-    state: PrelogitPerturbation,
-    prefill: _Prefill,
-    row_prompt: torch.Tensor,  # (R,) prompt of each rollout row
-    perturbations: torch.Tensor,  # (R, τ_max, d) on the device; zero past a row's own τ
-    max_tokens: torch.Tensor,  # (R,) max new tokens of each row
-    eos_ids: list[int],
-    pad_id: int,
-) -> tuple[list[list[int]], list[bool]]:
-    """Greedy rollouts with v_t added to the t-th token's pre-logit; returns tokens (EOS kept) per row."""
-    device = policy.device
-    num_rows = row_prompt.shape[0]
-    cache = copy.deepcopy(prefill.cache)
-    cache.reorder_cache(row_prompt.to(device))  # one cache row per rollout (nanochat's prefill-then-expand)
-    row_prompt = row_prompt.to(device)
-    mask = torch.cat([prefill.mask[row_prompt], torch.ones((num_rows, 1), dtype=torch.long, device=device)], 1)
-    positions = prefill.positions[row_prompt].clone()
-    input_ids = prefill.last_tokens[row_prompt]
-    max_tokens = max_tokens.to(device)
-    eos = torch.tensor(eos_ids, device=device)
-    finished = torch.zeros(num_rows, dtype=torch.bool, device=device)
-    stopped_at_eos = torch.zeros(num_rows, dtype=torch.bool, device=device)
-    steps: list[torch.Tensor] = []
-    horizon = perturbations.shape[1]
-    for step in range(int(max_tokens.max())):
-        state.delta = perturbations[:, step] if step < horizon else None
-        output = policy.model(input_ids=input_ids[:, None], past_key_values=cache, attention_mask=mask,
-                              position_ids=positions[:, None], use_cache=True)
-        state.delta = None
-        next_tokens = output.logits[:, -1, :].argmax(dim=-1)
-        next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_id), next_tokens)
-        steps.append(next_tokens)
-        is_eos = torch.isin(next_tokens, eos) & ~finished
-        stopped_at_eos |= is_eos
-        finished |= is_eos | (step + 1 >= max_tokens)
-        if bool(finished.all()):
-            break
-        cache = output.past_key_values
-        input_ids = next_tokens
-        mask = torch.cat([mask, torch.ones((num_rows, 1), dtype=torch.long, device=device)], 1)
-        positions = positions + 1
-    tokens = torch.stack(steps, 1).cpu() if steps else torch.zeros((num_rows, 0), dtype=torch.long)
-    is_eos_row = stopped_at_eos.cpu().tolist()
-    rows: list[list[int]] = []
-    for row in range(num_rows):
-        ids = tokens[row].tolist()
-        limit = int(max_tokens[row])
-        if is_eos_row[row]:
-            limit = min(limit, next(i for i, t in enumerate(ids) if t in eos_ids) + 1)
-        rows.append(ids[:limit])
-    return rows, is_eos_row
 
 
 def _new_chain(request: AispRequest, default: AispConfig) -> _Chain:
@@ -310,17 +197,52 @@ def _score(reward: Any, chains: list[_Chain], texts: list[list[str]]) -> list[li
     return scored
 
 
+def _sampling(active: list[tuple[int, _Chain]], max_steps: int) -> tuple[torch.Tensor, ...] | None:
+    """(temperature (R,), top_p (R,), uniforms (R, T)) for the rows of ``active``; None if all are greedy.
+
+    A sampled chain draws its (n, max_new_tokens) uniforms from its own generator after its noise.
+    """
+    if all(c.config.temperature == 0 for _, c in active):
+        return None
+    temperature, top_p, uniforms = [], [], []
+    for _, c in active:
+        n = c.num_rollouts
+        temperature += [c.config.temperature] * n
+        top_p += [c.config.top_p] * n
+        drawn = (torch.rand((n, c.request.max_new_tokens), generator=c.generator) if c.config.temperature > 0
+                 else torch.zeros((n, c.request.max_new_tokens)))
+        uniforms.append(torch.nn.functional.pad(drawn, (0, max_steps - c.request.max_new_tokens)))
+    return (torch.tensor(temperature), torch.tensor(top_p), torch.cat(uniforms))
+
+
+def _importance_inputs(chain: _Chain, rewards: list[float], draw: torch.Tensor) -> tuple[list[float], torch.Tensor]:
+    """This iteration's (rewards, V), with the elite (best so far, before this iteration) appended."""
+    if chain.elite is None:
+        return rewards, draw
+    elite_reward, elite_v = chain.elite
+    return [*rewards, elite_reward], torch.cat([draw, elite_v[None]])
+
+
+def _update_elite(chain: _Chain, rewards: list[float], draw: torch.Tensor) -> None:
+    best = max(range(len(rewards)), key=rewards.__getitem__)
+    if chain.elite is None or rewards[best] > chain.elite[0]:
+        chain.elite = (rewards[best], draw[best].clone())
+
+
+Schedule = Callable[[list[AispResult], list[int]], set[str]]  # (results, n of each) of eligible requests -> keys
+
+
 def _run_group(policy: Any, reward: Any, chains: list[_Chain], state: PrelogitPerturbation, max_batch: int,
-               on_iteration: Callable[[AispProgress], None] | None) -> None:
+               on_iteration: Callable[[AispProgress], None] | None, schedule: Schedule | None = None) -> None:
     tokenizer = policy.tokenizer
     eos_ids = policy.eos_token_ids()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     generate_s = score_s = 0.0
     start = time.perf_counter()
-    prefill = _prefill(policy, state, [c.prompt_ids for c in chains], pad_id)
-    width = prefill.width
+    prefilled = prefill(policy, state, [c.prompt_ids for c in chains], pad_id)
+    width = prefilled.width
     for p, chain in enumerate(chains):
-        norm = float(prefill.mean_norm[p])
+        norm = float(prefilled.mean_norm[p])
         relative = chain.config.sigma_is_relative
         chain.sigma_abs = chain.config.sigma * norm / math.sqrt(width) if relative else chain.config.sigma
         cap = chain.config.max_u_norm
@@ -328,7 +250,7 @@ def _run_group(policy: Any, reward: Any, chains: list[_Chain], state: PrelogitPe
         chain.mean = torch.zeros((chain.horizon, width))
         logger.debug("aisp key=%s prelogit_norm=%.2f sigma_abs=%.4g", chain.request.key, norm, chain.sigma_abs)
     generate_s += time.perf_counter() - start
-    while active := [(p, c) for p, c in enumerate(chains) if c.is_active]:
+    while active := [(p, c) for p, c in enumerate(chains) if c.is_active and not c.is_paused]:
         # 1. V_i = U + σ ε_i from each prompt's own generator: (n, τ, d) per chain
         start = time.perf_counter()
         horizon = max(c.horizon for _, c in active)
@@ -341,14 +263,16 @@ def _run_group(policy: Any, reward: Any, chains: list[_Chain], state: PrelogitPe
         for draw in draws:
             padded[row:row + draw.shape[0], :draw.shape[1]] = draw
             row += draw.shape[0]
-        # 2. greedy rollouts of every prompt's rows together, max_batch rows per forward pass
+        sampling = _sampling(active, int(max_tokens.max()))
+        # 2. rollouts of every prompt's rows together, max_batch rows per forward pass
         padded = padded.to(policy.device, policy.dtype)
         tokens: list[list[int]] = []
         is_eos: list[bool] = []
         for lo in range(0, len(row_prompt), max_batch):
-            chunk_tokens, chunk_eos = _decode(policy, state, prefill, row_prompt[lo:lo + max_batch],
-                                              padded[lo:lo + max_batch], max_tokens[lo:lo + max_batch],
-                                              eos_ids, pad_id)
+            chunk = slice(lo, lo + max_batch)
+            chunk_tokens, chunk_eos = decode_rollouts(
+                policy, state, prefilled, row_prompt[chunk], padded[chunk], max_tokens[chunk], eos_ids, pad_id,
+                None if sampling is None else tuple(x[chunk].to(policy.device) for x in sampling))
             tokens += chunk_tokens
             is_eos += chunk_eos
         texts_flat = tokenizer.batch_decode([[t for t in ids if t not in eos_ids] for ids in tokens],
@@ -378,8 +302,11 @@ def _run_group(policy: Any, reward: Any, chains: list[_Chain], state: PrelogitPe
                 result.samples.append(GeneratedSample(index=iteration * chain.num_rollouts + i, text=text,
                                                       reward=rewards[i], num_tokens=len(tokens[r]),
                                                       is_finished=is_eos[r]))
+            step_rewards, step_draws = _importance_inputs(chain, rewards, draw)
+            if chain.config.keep_elite:
+                _update_elite(chain, rewards, draw)
             new_mean, _, ess = importance_step(
-                torch.tensor([rewards], dtype=torch.float64), chain.mean[None], draw[None],
+                torch.tensor([step_rewards], dtype=torch.float64), chain.mean[None], step_draws[None],
                 sigma=chain.sigma_abs, lam=chain.config.lam, alpha=chain.config.alpha,
                 standardize=chain.config.standardize_rewards, max_norm=chain.max_norm_abs)
             chain.mean = new_mean[0].float()
@@ -393,6 +320,12 @@ def _run_group(policy: Any, reward: Any, chains: list[_Chain], state: PrelogitPe
             if on_iteration is not None:
                 on_iteration(AispProgress(chain.request.key, iteration, len(result.samples), result.ess[-1],
                                           result.iteration_mean[-1], max(result.iteration_best), chain.mean))
+        if schedule is not None:  # 5. which requests run the next round
+            eligible = [c for c in chains if c.is_active]
+            chosen = schedule([c.result for c in eligible if c.result is not None],
+                              [c.num_rollouts for c in eligible]) if eligible else set()
+            for c in eligible:
+                c.is_paused = c.request.key not in chosen
     for chain in chains:
         assert chain.result is not None
         chain.result.generate_s, chain.result.score_s = generate_s, score_s
@@ -401,14 +334,19 @@ def _run_group(policy: Any, reward: Any, chains: list[_Chain], state: PrelogitPe
 
 
 def run_aisp(policy: Policy, reward: RewardModel, requests: Sequence[AispRequest], config: AispConfig,
-             *, max_batch: int = 64, on_iteration: Callable[[AispProgress], None] | None = None
-             ) -> list[AispResult]:
+             *, max_batch: int = 64, on_iteration: Callable[[AispProgress], None] | None = None,
+             schedule: Schedule | None = None) -> list[AispResult]:
     """Run the AISP loop for each request; results in the requests' order.
 
     Requests share forward passes in groups of at most ``max_batch`` rollout rows (a request with more
     rollouts than that is decoded in chunks). A request's result depends only on its prompt, seed,
     budget and config, not on the other requests in the batch. ``on_iteration`` is called after each
     iteration of each request (progress events, diagnostics).
+
+    ``schedule``: all requests form one group (decoded in chunks of ``max_batch`` rows); after each
+    round it gets the results and n of the requests that have iterations left and returns the keys
+    that run the next round (the others wait; an empty set ends the loop). A request's result then
+    depends on the whole window.
     """
     if max_batch < 1:
         raise ValueError("max_batch must be >= 1")
@@ -424,11 +362,12 @@ def run_aisp(policy: Policy, reward: RewardModel, requests: Sequence[AispRequest
             runnable.append(chain)
     groups: list[list[_Chain]] = []
     for chain in runnable:
-        if groups and sum(c.num_rollouts for c in groups[-1]) + chain.num_rollouts <= max_batch:
+        if groups and (schedule is not None
+                       or sum(c.num_rollouts for c in groups[-1]) + chain.num_rollouts <= max_batch):
             groups[-1].append(chain)
         else:
             groups.append([chain])
     with torch.inference_mode(), perturb_prelogits(policy.model) as state:
         for group in groups:
-            _run_group(policy, reward, group, state, max_batch, on_iteration)
+            _run_group(policy, reward, group, state, max_batch, on_iteration, schedule)
     return [chain.result for chain in chains if chain.result is not None]

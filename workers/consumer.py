@@ -29,48 +29,59 @@ class JobConsumer(LanedConsumer):
     """This worker as one consumer of the ``workers`` group on its models' job streams, every lane.
 
     ``models``: the model names whose jobs it takes (None: the default model's jobs).
+    ``shards``: the shards whose job streams it reads (None: all of ``keys.shards``).
     """
 
-    def __init__(self, redis: Any, keys: Keys, consumer: str, *, models: Sequence[str | None] = (None,)) -> None:
-        streams = [(lane, keys.job_stream(model, lane)) for model in models for lane in LANES_BY_PRIORITY]
+    def __init__(self, redis: Any, keys: Keys, consumer: str, *, models: Sequence[str | None] = (None,),
+                 shards: Sequence[int] | None = None) -> None:
+        streams = [(lane, keys.for_shard(shard).job_stream(model, lane))
+                   for shard in (keys.shards if shards is None else shards)
+                   for model in models for lane in LANES_BY_PRIORITY]
         super().__init__(redis, streams, WORKER_GROUP, consumer)
 
 
 def job_stream_of(keys: Keys, job: Job) -> str:
-    """The stream a job was published to: a function of the job alone (its model and priority lane)."""
-    return keys.job_stream(job.model, Lane.of(job.priority))
+    """The stream a job was published to: a function of the job alone (its request's shard, model and lane)."""
+    return keys.for_request(job.request_id).job_stream(job.model, Lane.of(job.priority))
 
 
 async def publish_replies(redis: Any, keys: Keys, replies: Sequence[tuple[str, Job, SampleSet]]) -> None:
     """For each job: XADD its SampleSet to its scheduler, keep its samples (HSET + EXPIRE), XACK it.
 
-    One MULTI/EXEC for all of them: a job is acknowledged exactly when its reply is durable.
+    One MULTI/EXEC per shard (one slot each on a cluster; a single one unsharded): a job is acknowledged
+    exactly when its reply is durable.
     """
-    if not replies:
-        return
-    async with redis.pipeline(transaction=True) as pipe:
-        for entry_id, job, sample_set in replies:
-            pipe.xadd(keys.samples(job.scheduler_id), {PAYLOAD_FIELD: encode(sample_set)},
-                      maxlen=SAMPLES_MAXLEN, approximate=True)
-            if sample_set.samples:
-                kept = keys.kept_samples(job.request_id)
-                pipe.hset(kept, mapping={str(s.index): encode(s) for s in sample_set.samples})
-                pipe.expire(kept, KEPT_SAMPLES_TTL_S)
-            pipe.xack(job_stream_of(keys, job), WORKER_GROUP, entry_id)
-        check_transaction(await pipe.execute(raise_on_error=False))
+    by_shard: dict[int, list[tuple[str, Job, SampleSet]]] = {}
+    for reply in replies:
+        by_shard.setdefault(keys.shard_of(reply[1].request_id), []).append(reply)
+    for shard, shard_replies in by_shard.items():
+        shard_keys = keys.for_shard(shard)
+        async with redis.pipeline(transaction=True) as pipe:
+            for entry_id, job, sample_set in shard_replies:
+                pipe.xadd(shard_keys.samples(job.scheduler_id), {PAYLOAD_FIELD: encode(sample_set)},
+                          maxlen=SAMPLES_MAXLEN, approximate=True)
+                if sample_set.samples:
+                    kept = keys.kept_samples(job.request_id)
+                    pipe.hset(kept, mapping={str(s.index): encode(s) for s in sample_set.samples})
+                    pipe.expire(kept, KEPT_SAMPLES_TTL_S)
+                pipe.xack(job_stream_of(keys, job), WORKER_GROUP, entry_id)
+            check_transaction(await pipe.execute(raise_on_error=False))
 
 
 async def dead_letter_job(redis: Any, keys: Keys, *, entry_id: str, reason: str, payload: bytes | None,
                           request_id: str | None = None, reply: tuple[str, SampleSet] | None = None,
                           stream: str | None = None) -> None:
     """Dead-letter a job entry, with the error reply (scheduler_id, SampleSet) in the same transaction."""
+    source = stream or keys.jobs
+    shard_keys = keys.for_stream(source)  # the entry's shard: dead letter and reply in its slot
+
     def add_reply(pipe: Any) -> None:
         if reply is not None:
             scheduler_id, sample_set = reply
-            pipe.xadd(keys.samples(scheduler_id), {PAYLOAD_FIELD: encode(sample_set)}, maxlen=SAMPLES_MAXLEN,
+            pipe.xadd(shard_keys.samples(scheduler_id), {PAYLOAD_FIELD: encode(sample_set)}, maxlen=SAMPLES_MAXLEN,
                       approximate=True)
 
-    await dead_letter(redis, keys, source_stream=stream or keys.jobs, group=WORKER_GROUP, entry_id=entry_id,
+    await dead_letter(redis, keys, source_stream=source, group=WORKER_GROUP, entry_id=entry_id,
                       reason=reason, payload=payload, request_id=request_id, extra=add_reply)
 
 

@@ -13,6 +13,7 @@ logit and, rarely, a token.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import math
@@ -24,11 +25,14 @@ import torch
 
 from workers.models import Policy
 from workers.reward import RewardModel
-from workers.sampling import decode_rows
+from workers.decode_batch import DecodeBatch, FinishedRow, prefill_prompts
+from workers.prompt_cache import PROMPT_CACHE_SIZE, PromptCache
 
 __all__ = ["Engine", "GeneratedSample", "GenerationRequest", "GenerationResult"]
 
 logger = logging.getLogger(__name__)
+
+PREFILL_CHUNK = 16  # prompts prefilled per forward pass (bounds the padded (P, T) activations)
 
 
 @dataclass(slots=True)
@@ -60,6 +64,7 @@ class GenerationResult:
     generate_s: float  # this request's share of decode time
     score_s: float  # this request's share of scoring time
     error: str | None = None  # reward failed for THIS request only (others unaffected)
+    is_cancelled: bool = False  # cancelled before it finished: no samples
 
 
 @dataclass(slots=True)
@@ -106,8 +111,38 @@ def _validate(request: GenerationRequest) -> None:
         raise ValueError(f"request {request.key}: top_p must be in (0, 1], got {request.top_p}")
 
 
+class _Row:
+    """One sample of an admitted request, waiting for or holding a row of the decode batch."""
+
+    __slots__ = ("request", "sample", "uniforms")
+
+    def __init__(self, request: _Running, sample: int, uniforms: torch.Tensor) -> None:
+        self.request = request
+        self.sample = sample  # 0-based within the request
+        self.uniforms = uniforms  # (max_new_tokens,) this sample's draws
+
+
+@dataclass(slots=True, eq=False)
+class _Running:
+    """A submitted request until its result is handed back."""
+
+    request: GenerationRequest
+    prompt_ids: tuple[int, ...]
+    texts: list[str]
+    num_tokens: list[int]
+    is_finished: list[bool]
+    num_left: int  # samples not decoded yet
+    generate_s: float = 0.0
+    is_cancelled: bool = False
+
+
 class Engine:
-    def __init__(self, policy: Policy, reward: RewardModel, *, max_batch: int = 64) -> None:
+    """Continuous batching: requests join the running decode batch whenever rows are free and leave it
+    sample by sample as they finish; ``run`` is submit + step until done, ``submit``/``step``/``cancel``
+    let a caller feed new work while a batch runs (the worker service does)."""
+
+    def __init__(self, policy: Policy, reward: RewardModel, *, max_batch: int = 64,
+                 prompt_cache_size: int = PROMPT_CACHE_SIZE) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.policy = policy
@@ -116,36 +151,157 @@ class Engine:
         self.eos_ids = policy.eos_token_ids()
         self.pad_id = policy.tokenizer.pad_token_id if policy.tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.max_positions = getattr(policy.model.config, "max_position_embeddings", None)
+        self.prompt_cache = PromptCache(prompt_cache_size)
+        self.batch: DecodeBatch | None = None  # built on first use (eos_ids may be changed before)
+        self.waiting: collections.deque[_Row] = collections.deque()  # samples not in the batch yet
+        self.running: dict[str, _Running] = {}  # by key
+        self.done: list[_Running] = []  # decoded, to score at the end of this step
+        self.handed_back: list[GenerationResult] = []  # finished during a run() call that did not want them
+        self.num_prefill_tokens = 0  # prompt tokens run through the model (a cache hit costs none)
 
+    # -- the synchronous whole-call API ----------------------------------------------------------
     def run(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Sample and score every request; results in the order of ``requests``."""
+        if len({r.key for r in requests}) != len(requests):
+            raise ValueError("request keys must be unique within one call")
+        self.submit(requests)
+        keys = {r.key for r in requests}
+        results: dict[str, GenerationResult] = {}
+        while len(results) < len(requests):
+            for result in self.step():
+                if result.key in keys:
+                    results[result.key] = result
+                else:  # a request submitted before this call: the next step() hands it out
+                    self.handed_back.append(result)
+        return [results[r.key] for r in requests]
+
+    # -- the step API ----------------------------------------------------------------------------
+    @property
+    def has_work(self) -> bool:
+        return bool(self.running or self.handed_back)
+
+    @property
+    def num_rows_held(self) -> int:
+        """Samples decoding or waiting for a row."""
+        return (self.batch.num_rows if self.batch is not None else 0) + len(self.waiting)
+
+    @property
+    def num_free_rows(self) -> int:
+        """Rows the batch can take before it is full (samples already waiting count as taken)."""
+        return max(0, self.max_batch - self.num_rows_held)
+
+    def submit(self, requests: Sequence[GenerationRequest]) -> None:
+        """Queue requests; their samples join the batch at the next steps, in order, as rows free up."""
         for request in requests:
             _validate(request)
-        prompt_ids = [self._encode(r) for r in requests]
-        texts: list[list[str]] = [[""] * r.num_samples for r in requests]
-        num_tokens: list[list[int]] = [[0] * r.num_samples for r in requests]
-        is_finished: list[list[bool]] = [[False] * r.num_samples for r in requests]
-        generate_s = [0.0] * len(requests)
+            if request.key in self.running:
+                raise ValueError(f"request {request.key} is already running")
+        for request in requests:
+            n = request.num_samples
+            state = _Running(request, tuple(self._encode(request)), [""] * n, [0] * n, [False] * n, n)
+            self.running[request.key] = state
+            for part in plan_parts([request], self.max_batch):
+                first, num_rows = part[0].first, part[0].num_rows
+                generator = torch.Generator().manual_seed(derive_seed(request.seed, request.sample_offset + first))
+                # (rows, max_new_tokens) uniforms: step t of sample j uses [j, t] whatever the batch
+                drawn = torch.rand((num_rows, request.max_new_tokens), generator=generator)
+                self.waiting.extend(_Row(state, first + j, drawn[j]) for j in range(num_rows))
+            if n == 0:
+                self.done.append(state)
+
+    def cancel(self, key: str) -> bool:
+        """Stop a request: its waiting samples never start, its rows leave the batch at the next step.
+        Its result comes back from ``step`` with ``is_cancelled``; the other rows are untouched."""
+        state = self.running.get(key)
+        if state is None or state.is_cancelled:
+            return False
+        state.is_cancelled = True
+        self.waiting = collections.deque(row for row in self.waiting if row.request is not state)
+        if self.batch is not None:
+            with torch.inference_mode():
+                self.batch.drop({row for row in self.batch.tags if row.request is state})
+        if state not in self.done:
+            self.done.append(state)
+        return True
+
+    def step(self) -> list[GenerationResult]:
+        """Admit waiting samples into free rows, decode one token for every row, and return the
+        requests that completed (scored) or were cancelled."""
         with torch.inference_mode():
-            for batch in plan_parts(requests, self.max_batch):
+            self._admit()
+            if self.batch is not None and self.batch.num_rows:
+                served = self.batch.live_tags()
                 started = time.perf_counter()
-                out_texts, out_tokens, out_finished = self._decode_batch(requests, prompt_ids, batch)
-                elapsed_s = time.perf_counter() - started
-                num_rows = sum(p.num_rows for p in batch)
-                row = 0
-                for part in batch:
-                    span = slice(part.first, part.first + part.num_rows)
-                    texts[part.request][span] = out_texts[row:row + part.num_rows]
-                    num_tokens[part.request][span] = out_tokens[row:row + part.num_rows]
-                    is_finished[part.request][span] = out_finished[row:row + part.num_rows]
-                    generate_s[part.request] += elapsed_s * part.num_rows / num_rows
-                    row += part.num_rows
-        rewards, errors, score_s = self._score(requests, texts)
-        results = []
-        for i, request in enumerate(requests):
-            samples = [GeneratedSample(request.sample_offset + j, texts[i][j], rewards[i][j], num_tokens[i][j],
-                                       is_finished[i][j]) for j in range(request.num_samples)]
-            results.append(GenerationResult(request.key, samples, generate_s[i], score_s[i], errors[i]))
+                finished = self.batch.step()
+                self._charge(served, time.perf_counter() - started)
+                self._collect(finished)
+        results, self.handed_back = self.handed_back + self._complete(), []
+        return results
+
+    # -- internals -------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        if self.batch is None:
+            self.batch = DecodeBatch(self.policy.model, eos_ids=self.eos_ids, pad_id=self.pad_id)
+        room = self.max_batch - self.batch.num_rows
+        if room <= 0 or not self.waiting:
+            return
+        rows = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+        started = time.perf_counter()
+        unique = list(dict.fromkeys(row.request.prompt_ids for row in rows))  # jobs of one prompt share it
+        states = {ids: self.prompt_cache.get(ids) for ids in unique}
+        missing = [ids for ids, state in states.items() if state is None]
+        for start in range(0, len(missing), PREFILL_CHUNK):
+            chunk = missing[start:start + PREFILL_CHUNK]
+            for state in prefill_prompts(self.policy.model, chunk, self.pad_id):
+                self.prompt_cache.put(state)
+                states[state.ids] = state
+            self.num_prefill_tokens += sum(len(ids) for ids in chunk)
+        position = {ids: i for i, ids in enumerate(unique)}
+        self.batch.join(
+            [states[ids] for ids in unique], [position[row.request.prompt_ids] for row in rows], rows,  # type: ignore[misc]
+            temperature=[row.request.request.temperature for row in rows],
+            top_p=[row.request.request.top_p for row in rows], uniforms=[row.uniforms for row in rows],
+            max_new_tokens=[row.request.request.max_new_tokens for row in rows])
+        self._charge(rows, time.perf_counter() - started)
+
+    def _charge(self, rows: list[_Row], elapsed_s: float) -> None:
+        """Split a step's time evenly over the rows it served."""
+        if rows:
+            share = elapsed_s / len(rows)
+            for row in rows:
+                row.request.generate_s += share
+
+    def _collect(self, finished: list[FinishedRow]) -> None:
+        if not finished:
+            return
+        tokenizer = self.policy.tokenizer
+        # the text leaves out the EOS token; the count keeps it
+        texts = tokenizer.batch_decode([f.tokens[:len(f.tokens) - int(f.is_finished)] for f in finished],
+                                       skip_special_tokens=True)
+        for f, text in zip(finished, texts):
+            row: _Row = f.tag
+            state = row.request
+            state.texts[row.sample], state.num_tokens[row.sample] = text, len(f.tokens)
+            state.is_finished[row.sample] = f.is_finished
+            state.num_left -= 1
+            if state.num_left == 0 and not state.is_cancelled:
+                self.done.append(state)
+
+    def _complete(self) -> list[GenerationResult]:
+        if not self.done:
+            return []
+        done, self.done = self.done, []
+        for state in done:
+            del self.running[state.request.key]
+        scored = [s for s in done if not s.is_cancelled]
+        rewards, errors, score_s = self._score([s.request for s in scored], [s.texts for s in scored])
+        results = [GenerationResult(s.request.key, [], s.generate_s, 0.0, "cancelled", is_cancelled=True)
+                   for s in done if s.is_cancelled]
+        for i, s in enumerate(scored):
+            request = s.request
+            samples = [GeneratedSample(request.sample_offset + j, s.texts[j], rewards[i][j], s.num_tokens[j],
+                                       s.is_finished[j]) for j in range(request.num_samples)]
+            results.append(GenerationResult(request.key, samples, s.generate_s, score_s[i], errors[i]))
         return results
 
     def _encode(self, request: GenerationRequest) -> list[int]:
@@ -155,35 +311,6 @@ class Engine:
             logger.warning("prompt truncated key=%s prompt_tokens=%d kept=%d", request.key, len(ids), keep)
             ids = ids[-keep:]
         return ids
-
-    def _decode_batch(self, requests: Sequence[GenerationRequest], prompt_ids: list[list[int]],
-                      batch: list[_Part]) -> tuple[list[str], list[int], list[bool]]:
-        """Decode one batch of parts; returns texts, token counts and EOS flags row by row."""
-        row_prompt, temperature, top_p, max_new, uniforms = [], [], [], [], []
-        max_steps = max(requests[p.request].max_new_tokens for p in batch)
-        unique_prompts: dict[tuple[int, ...], int] = {}  # jobs of one prompt in a batch share its prefill
-        for part in batch:
-            request = requests[part.request]
-            prompt_index = unique_prompts.setdefault(tuple(prompt_ids[part.request]), len(unique_prompts))
-            generator = torch.Generator().manual_seed(derive_seed(request.seed, request.sample_offset + part.first))
-            # (rows, max_new_tokens) uniforms: step t of row j uses [j, t] whatever the batch
-            drawn = torch.rand((part.num_rows, request.max_new_tokens), generator=generator)
-            uniforms.append(torch.nn.functional.pad(drawn, (0, max_steps - request.max_new_tokens)))
-            row_prompt += [prompt_index] * part.num_rows
-            temperature += [request.temperature] * part.num_rows
-            top_p += [request.top_p] * part.num_rows
-            max_new += [request.max_new_tokens] * part.num_rows
-        out = decode_rows(
-            self.policy.model, [list(ids) for ids in unique_prompts], torch.tensor(row_prompt),
-            temperature=torch.tensor(temperature, dtype=torch.float32), top_p=torch.tensor(top_p, dtype=torch.float32),
-            uniforms=torch.cat(uniforms), max_new_tokens=torch.tensor(max_new), eos_ids=self.eos_ids,
-            pad_id=self.pad_id)
-        counts = out.num_tokens.tolist()
-        finished = out.is_finished.tolist()
-        # the text leaves out the EOS token; the count keeps it
-        rows = [out.tokens[j, :counts[j] - int(finished[j])].tolist() for j in range(len(counts))]
-        texts = self.policy.tokenizer.batch_decode(rows, skip_special_tokens=True)
-        return texts, counts, finished
 
     def _score(self, requests: Sequence[GenerationRequest], texts: list[list[str]],
                ) -> tuple[list[list[float]], list[str | None], list[float]]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,8 +144,89 @@ class BatchRunner:
         self.max_batch = max_batch
         self.engine = Engine(policy, reward, max_batch=max_batch)
         self.aisp_defaults = aisp_defaults
-        self.num_engine_calls = 0  # Engine.run calls: jobs per call shows how well jobs were packed
+        self.num_engine_calls = 0  # Engine.run/submit calls: jobs per call shows how well jobs were packed
         self.num_aisp_calls = 0
+        self.jobs: dict[str, Job] = {}  # submitted, not answered yet (the step API)
+        self.aisp_waiting: list[Job] = []
+        self._to_cancel: set[str] = set()  # job ids; written by the event-loop thread, read by the model thread
+        self._cancel_lock = threading.Lock()
+
+    # -- the step API: jobs join a running decode batch and leave it as they finish -----------------
+    @property
+    def has_work(self) -> bool:
+        return bool(self.jobs)
+
+    @property
+    def num_free_rows(self) -> int:
+        return 0 if self.aisp_waiting else self.engine.num_free_rows
+
+    @property
+    def num_rows_held(self) -> int:
+        return self.engine.num_rows_held
+
+    def cancel(self, job_id: str) -> None:
+        """Drop a running job's remaining work at its next decode step. Safe from any thread."""
+        with self._cancel_lock:
+            self._to_cancel.add(job_id)
+
+    def submit(self, jobs: Sequence[Job]) -> list[tuple[Job, SampleSet]]:
+        """Queue jobs into the running batch; returns the replies of jobs that cannot start (invalid)."""
+        rejected = []
+        for job in jobs:
+            if job.job_id in self.jobs:
+                continue  # a redelivery of a job we are running: its one reply is enough
+            if job.kind == JobKind.AISP:
+                self.aisp_waiting.append(job)
+            else:
+                try:
+                    self.engine.submit([to_generation_request(job)])
+                except ValueError as e:
+                    rejected.append((job, error_sample_set(job, self.worker_id, ErrorCode.INTERNAL, str(e))))
+                    continue
+            self.jobs[job.job_id] = job
+        self.num_engine_calls += any(job.kind != JobKind.AISP for job in jobs)
+        return rejected
+
+    def step(self) -> list[tuple[Job, SampleSet | None]]:
+        """One decode step (AISP jobs waiting: run them first, whole). Returns the jobs that finished,
+        with their replies; a cancelled job comes back with None (its request is answered already)."""
+        with self._cancel_lock:
+            to_cancel, self._to_cancel = self._to_cancel & set(self.jobs), set()
+        for job_id in to_cancel:
+            self.engine.cancel(job_id)
+        if self.aisp_waiting:
+            jobs, self.aisp_waiting = self.aisp_waiting, []
+            try:
+                replies = self._run_aisp(jobs)
+            except Exception as e:  # noqa: BLE001 - never lose a job: each gets an answer
+                logger.exception("aisp batch of %d jobs failed", len(jobs))
+                replies = [error_sample_set(job, self.worker_id, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
+                           for job in jobs]
+            return [(self.jobs.pop(job.job_id), reply) for job, reply in zip(jobs, replies)]
+        try:
+            results = self.engine.step()
+        except Exception:  # the batch is broken: answer its jobs one by one, from scratch
+            logger.exception("decode step failed; rerunning its %d jobs one by one", len(self.jobs))
+            jobs = list(self.jobs.values())
+            self.jobs.clear()
+            self.engine = Engine(self.policy, self.reward, max_batch=self.max_batch)
+            return [(job, self.run([job])[0]) for job in jobs]
+        finished: list[tuple[Job, SampleSet | None]] = []
+        for result in results:
+            job = self.jobs.pop(result.key)
+            finished.append((job, None if result.is_cancelled else
+                             sample_set_from_generation(job, result, self.worker_id)))
+        return finished
+
+    def step_until(self, should_yield: Callable[[], bool], *, max_s: float) -> list[tuple[Job, SampleSet | None]]:
+        """Decode steps until a job finishes, there is no work, ``should_yield()`` or ``max_s`` passes:
+        one hop from the event loop covers many steps."""
+        deadline = time.perf_counter() + max_s
+        while self.has_work:
+            finished = self.step()
+            if finished or should_yield() or time.perf_counter() >= deadline:
+                return finished
+        return []
 
     def run(self, jobs: Sequence[Job]) -> list[SampleSet]:
         """One SampleSet per job, in order. An unexpected failure of the batch is retried job by job,

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from workers.devices import is_offline, resolve_device
 from workers.errors import ModelLoadError
 from workers.reward import RewardModel, load_reward
 
@@ -88,16 +89,6 @@ def configure_threads(num_threads: int = 0, workers_on_host: int = 1) -> int:
     return num_threads
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ModelLoadError(f"unknown device {device!r}: use auto, cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {device!r} asked for but CUDA is not available: use --device cpu")
-    return torch.device(device)
-
-
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """True on x86 CPUs with AVX512-BF16 or AMX (bf16 matmuls there run ~2x faster than fp32)."""
@@ -121,10 +112,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return _DTYPES[dtype]
     except KeyError:
         raise ModelLoadError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16") from None
-
-
-def is_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def looks_like_path(spec: str) -> bool:

@@ -27,6 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from workers.devices import is_offline, resolve_device
 from workers.errors import ModelLoadError, RewardError
 from workers.settings import DEFAULT_NEGATIVE, DEFAULT_POSITIVE
 
@@ -211,8 +212,6 @@ def _load_function(target: str, spec: str) -> FunctionReward:
 def load_reward(spec: str | None = None, *, device: str = "auto", positive: str = DEFAULT_POSITIVE,
                 negative: str = DEFAULT_NEGATIVE) -> RewardModel:
     """Load a reward model by spec: None, ``embedding:<path>``, ``hf:<name-or-path>``, ``python:<module>:<function>``."""
-    from workers.models import is_offline, resolve_device  # models imports this module at load time
-
     if spec is None or spec == "embedding":
         return EmbeddingReward(default_embedding_path(), positive=positive, negative=negative,
                                device=resolve_device(device))

@@ -4,7 +4,9 @@ One task group owns every loop:
 
     intake      XREADGROUP keys.jobs (group "workers"; own pending first), a bounded block, then
                 non-blocking reads while there is room, so a burst of jobs becomes one batch
-    runner      take_batch -> BatchRunner.run in a worker thread -> publish + XACK (shielded)
+    runner      continuous batching (hf): queued jobs join the running decode batch whenever it has
+                free rows (BatchRunner.submit/step_until in a worker thread); each job is published
+                + XACKed (shielded) as soon as it finishes; other backends: whole batches (run)
     heartbeat   SET keys.heartbeat("worker", id) PX 3×heartbeat; XCLAIM what we hold (the lease);
                 re-split the host's cores when workers come and go (num_threads 0)
     reclaim     XAUTOCLAIM jobs idle > claim_idle_ms (their worker died), dead-letter past max_deliveries
@@ -39,14 +41,16 @@ from schemas import (
     WORKER_GROUP,
     ErrorCode,
     Job,
-    Keys,
     SampleSet,
     SchemaError,
     decode,
     now_ms,
 )
+from schemas.keys import parse_shard_ids
 from schemas.lifecycle import heartbeat_value, stop_on_signals
+from schemas.topology import deployment_keys
 from schemas.transport import REDIS_ERRORS, SOCKET_TIMEOUT_S, connect, retry_with_backoff
+from workers.backends import backend_capabilities, derive_model_name, initial_model_name
 from workers.consumer import (
     JobConsumer,
     StreamEntry,
@@ -75,6 +79,7 @@ MAX_BACKOFF_S = 5.0
 PUBLISH_GIVE_UP_S = 30.0  # after the grace period a shielded publish stops retrying (jobs stay for reclaim)
 THREAD_CHECK_S = 5.0  # how often an auto-threaded worker recounts the workers on its host
 CANCEL_POLL_S = 0.2  # how soon a cancelled request stops costing samples
+STEPS_MAX_S = 1.0  # longest the model thread decodes before the event loop hears from it
 LOADING_TTL_MS = 120_000  # a worker still loading its models counts towards its host's workers this long
 
 
@@ -96,13 +101,15 @@ class Worker:
 
     def __init__(self, settings: WorkerSettings, *, redis: Any = None, worker_id: str | None = None) -> None:
         self.settings = settings
-        self.keys = Keys(settings.namespace)
+        self.keys = deployment_keys(settings.namespace, settings.shards, settings.redis_url)
+        self.shard_ids = parse_shard_ids(settings.shard_ids, settings.shards)  # job streams we read
         self.hostname = socket.gethostname()
         default_id = f"{self.hostname}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.worker_id = worker_id or settings.worker_id or default_id
         self._owns_redis = redis is None
         self.redis = redis or connect(settings.redis_url)
-        self.consumer = JobConsumer(self.redis, self.keys, self.worker_id)
+        self.model_name = initial_model_name(settings)  # None: the openai backend asks its server at load
+        self.consumer = self._job_consumer()
         self.runner: BatchRunner | None = None
         self.stats = WorkerStats()
         self.queue: list[HeldJob] = []  # held, not started
@@ -137,6 +144,10 @@ class Worker:
                 await self._drain(done)
                 tg.cancel_scope.cancel()
         finally:
+            close = getattr(self.runner, "close", None)  # a backend's connections and threads (openai)
+            if close is not None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                    await anyio.to_thread.run_sync(close, abandon_on_cancel=True)
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 try:
                     await self.redis.delete(self.keys.heartbeat("worker", self.worker_id),
@@ -176,27 +187,25 @@ class Worker:
         self.num_threads = configure_threads(self.settings.num_threads, await self._workers_on_host())
         started = time.perf_counter()
         self.runner = await anyio.to_thread.run_sync(self._build_runner)
+        if self.model_name is None:  # named after the model the server reports
+            self.model_name = derive_model_name(getattr(self.runner, "server_model", None))
+            self.consumer = self._job_consumer()
+            await self._retry("create group", self.consumer.ensure_group)
         logger.info("models loaded worker_id=%s load_s=%.1f threads=%d", self.worker_id,
                     time.perf_counter() - started, self.num_threads)
         await self._retry("register", lambda: self.redis.delete(loading_key))
 
-    def _build_runner(self) -> BatchRunner:
-        from workers.models import load_policy, load_reward
+    def _job_consumer(self) -> JobConsumer:
+        """Jobs of our model's streams, and of the default model's when we serve it (every lane)."""
+        models: list[str | None] = [self.model_name] if self.model_name else []
+        if self.settings.serves_default or not models:
+            models.append(None)
+        return JobConsumer(self.redis, self.keys, self.worker_id, models=models, shards=self.shard_ids)
 
-        s = self.settings
-        policy = load_policy(s.model, device=s.device, dtype=s.dtype, cache_dir=s.cache_dir)
-        reward = load_reward(s.reward_model, device=s.device, positive=s.reward_positive,
-                             negative=s.reward_negative)
-        try:
-            from workers.aisp import AispConfig
+    def _build_runner(self) -> Any:
+        from workers.backends import load_backend
 
-            aisp_defaults = AispConfig(num_rollouts=s.aisp_num_rollouts, sigma=s.aisp_sigma, lam=s.aisp_lam,
-                                       alpha=s.aisp_alpha, sigma_decay=s.aisp_sigma_decay,
-                                       max_u_norm=s.aisp_max_u_norm)
-        except ImportError:  # aisp jobs then get an error reply
-            aisp_defaults = None
-        return BatchRunner(policy, reward, worker_id=self.worker_id, max_batch=s.max_batch,
-                           aisp_defaults=aisp_defaults)
+        return load_backend(self.settings, worker_id=self.worker_id)
 
     async def _workers_on_host(self) -> int:
         return await count_workers_on_host(self.redis, self.keys, self.hostname, self.worker_id)
@@ -237,7 +246,10 @@ class Worker:
                 await self._admit(entries)
 
     async def _runner_loop(self) -> None:
-        while not self._stopping:
+        if isinstance(self.runner, BatchRunner):
+            await self._stepping_loop()
+            return
+        while not self._stopping:  # a backend without a step API: whole batches
             if not self.queue:
                 await self._wait_queue_change(READ_BLOCK_MS / 1000)
                 continue
@@ -247,6 +259,64 @@ class Worker:
             batch = await self._answer_expired(batch)
             if batch:
                 await self._run_batch(batch)
+
+    async def _stepping_loop(self) -> None:
+        """Continuous batching: queued jobs join the running decode batch whenever it has free rows,
+        and each job is published the moment it finishes. On shutdown the jobs in flight finish."""
+        runner = self.runner
+        assert isinstance(runner, BatchRunner)
+        while not (self._stopping and not self.in_flight):
+            joining: list[HeldJob] = []
+            if self.queue and not self._stopping and (runner.num_free_rows > 0 or not self.in_flight):
+                # up to max_batch_samples held: samples past the free rows wait inside the engine and
+                # take rows the step they free up, with no hop through the event loop
+                joining = take_batch(self.queue, max_jobs=self.settings.max_batch_jobs,
+                                     max_samples=max(1, self.max_batch_samples - runner.num_rows_held))
+                self._notify()  # room for intake
+                joining = await self._answer_expired(joining)
+            if not joining and not self.in_flight:
+                await self._wait_queue_change(READ_BLOCK_MS / 1000)
+                continue
+            if joining:
+                self.in_flight = [*self.in_flight, *joining]
+                self.stats.num_batches += 1  # times jobs joined the running batch
+                self.stats.max_batch_jobs = max(self.stats.max_batch_jobs, len(self.in_flight))
+            finished = await anyio.to_thread.run_sync(self._steps_in_thread, [h.job for h in joining],
+                                                      abandon_on_cancel=True)
+            if finished:
+                await self._publish_finished(finished)
+
+    def _steps_in_thread(self, joining: list[Job]) -> list[tuple[Job, SampleSet | None]]:
+        """Submit the joining jobs, then decode until some job finishes or new jobs could join."""
+        import torch
+
+        runner = self.runner
+        assert isinstance(runner, BatchRunner)
+        if self.num_threads and torch.get_num_threads() != self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        rejected: list[tuple[Job, SampleSet | None]] = list(runner.submit(joining))
+        if rejected:
+            return rejected
+
+        def should_yield() -> bool:  # read from the model thread; a stale answer costs one hop
+            return bool(self.queue) and not self._stopping and runner.num_free_rows > 0
+
+        return runner.step_until(should_yield, max_s=STEPS_MAX_S)
+
+    async def _publish_finished(self, finished: list[tuple[Job, SampleSet | None]]) -> None:
+        """Publish + XACK the finished jobs (a cancelled job, None, is only acked: it was answered)."""
+        by_id = {h.job.job_id: h for h in self.in_flight}
+        held = [(by_id[job.job_id], reply) for job, reply in finished if job.job_id in by_id]
+        try:
+            replies = [(h.entry_id, h.job, reply) for h, reply in held if reply is not None]
+            if replies and await self._publish(replies):
+                self.stats.num_samples += sum(len(reply.samples) for _, _, reply in replies)
+            cancelled = [h for h, reply in held if reply is None]
+            if cancelled:
+                await self._ack_cancelled(cancelled)
+        finally:
+            done = {job.job_id for job, _ in finished}
+            self.in_flight = [h for h in self.in_flight if h.job.job_id not in done]
 
     async def _run_batch(self, batch: list[HeldJob]) -> None:
         self.in_flight = batch
@@ -304,17 +374,20 @@ class Worker:
         if dropped:
             self.queue[:] = [h for h in self.queue if h.job.request_id not in request_ids]
             self._notify()
-            # The request is answered already: nothing to publish, only the jobs to acknowledge.
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for held in dropped:
-                    pipe.xack(job_stream_of(self.keys, held.job), WORKER_GROUP, held.entry_id)
-                await self._retry("ack cancelled", pipe.execute)
-            self.stats.num_cancelled += len(dropped)
+            await self._ack_cancelled(dropped)
             logger.info("dropped %d queued jobs of cancelled requests worker_id=%s", len(dropped), self.worker_id)
-        running = [h.job.job_id for h in self.in_flight if h.job.request_id in request_ids]
-        if running and self.runner is not None and hasattr(self.runner, "cancel"):
-            for job_id in running:
-                self.runner.cancel(job_id)
+        if self.runner is not None:
+            for held in self.in_flight:
+                if held.job.request_id in request_ids:
+                    self.runner.cancel(held.job.job_id)
+
+    async def _ack_cancelled(self, held: list[HeldJob]) -> None:
+        """The request is answered already: nothing to publish, only the jobs to acknowledge."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for h in held:
+                pipe.xack(job_stream_of(self.keys, h.job), WORKER_GROUP, h.entry_id)
+            await self._retry("ack cancelled", pipe.execute)
+        self.stats.num_cancelled += len(held)
 
     # -- steps ------------------------------------------------------------------------------------
     async def _admit(self, entries: list[StreamEntry]) -> None:
@@ -428,7 +501,9 @@ class Worker:
             logger.info("lost the lease on in-flight jobs %s (replies are deduplicated)", lost_in_flight)
 
     def _heartbeat_value(self) -> str:
-        return heartbeat_value("worker", self.worker_id, worker_id=self.worker_id, threads=self.num_threads,
+        return heartbeat_value("worker", self.worker_id, worker_id=self.worker_id, model_name=self.model_name,
+                               serves_default=self.settings.serves_default, backend=self.settings.backend,
+                               capabilities=backend_capabilities(self.settings.backend), threads=self.num_threads,
                                queued=len(self.queue), in_flight=len(self.in_flight), **asdict(self.stats))
 
     async def _rebalance_threads(self) -> None:

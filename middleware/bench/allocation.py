@@ -20,12 +20,20 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from middleware.scheduler.allocation import ALLOCATORS, EmpiricalGains, allocate, greedy_allocate, num_explore_samples
+from middleware.bench.equivalence import (
+    Interval,
+    budget_equivalence,
+    budget_needed,
+    median_interval,
+    saving_from_needed,
+)
 from middleware.errors import UsageError
+from middleware.scheduler.allocation import ALLOCATORS, EmpiricalGains, allocate, greedy_allocate, num_explore_samples
 
 DEFAULT_METHODS = ("adabon-mc", "adabon-integral", "adabon-gauss", "adabon-eb")
 BASELINES = ("null", "oracle")
@@ -45,6 +53,13 @@ class BenchRow:
     mean_gain: float
     num_explore: int
     mean_allocation_ms: float
+    median_bwr_ci: list[float] | None = None  # 95% bootstrap interval of the median (resampling batches)
+    budget_equivalence: float | None = None  # uniform budget (× B) whose mean batch total the method's at B equals
+    budget_equivalence_ci: list[float] | None = None
+    budget_equivalence_censored: str | None = None  # "above": past 2B, the largest uniform budget simulated
+    budget_saving: float | None = None  # 1 − b*/B: share of B the method does without to equal uniform at B
+    budget_saving_ci: list[float] | None = None
+    budget_saving_censored: str | None = None  # "above"/"below": beyond the --saving-grid
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,6 +75,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="allocator option: each prompt keeps at least this share of its own remaining budget")
     parser.add_argument("--cap-factor", type=float, default=None,
                         help="allocator option: no prompt ends with more than this many times its budget")
+    parser.add_argument("--saving-grid", default="0.625,0.75,0.875,1.125,1.25",
+                        help="budgets (multiples of B) the methods also run at, for budget_saving; '' skips it")
+    parser.add_argument("--cross-validate", type=int, default=0, metavar="FOLDS",
+                        help="split the pool's prompts into FOLDS; each batch comes from one fold, and +prior "
+                             "methods get a spread model learned on the other folds (never on a tested prompt)")
+    parser.add_argument("--prior-features", default="hash", choices=("hash", "embedding", "both"),
+                        help="+prior features: hashed words (torch-free), the reward encoder's embedding, or both")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--plot", help="write a PNG of BWR and EST/B against K")
@@ -71,9 +93,8 @@ def _parse_args(args: argparse.Namespace) -> tuple[list[int], list[str]]:
     except ValueError as e:
         raise UsageError(f"--k takes comma-separated integers, got {args.k!r}") from e
     methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
-    unknown = [m for m in methods if m not in ALLOCATORS or m == "uniform"]
-    if unknown:
-        raise UsageError(f"unknown allocator {unknown[0]!r}: choose from {', '.join(ALLOCATORS[1:])}")
+    for method in methods:
+        MethodSpec.parse(method)  # raises UsageError
     if not ks or min(ks) < 1:
         raise UsageError("--k needs positive integers")
     if args.budget < 1 or args.runs < 1 or args.batches < 1:
@@ -125,49 +146,129 @@ def _batch_metrics(totals: np.ndarray, uniform_curve: np.ndarray, budget: int) -
     return bwr, est, float(np.mean(totals - reference))
 
 
+@dataclass(slots=True)
+class MethodSpec:
+    """A bench method: ``allocator[+prior][@explore_fraction]`` (e.g. ``adabon-eb+prior@0.25``)."""
+
+    name: str
+    allocator: str
+    explore_fraction: float | None = None  # None: the bench's --explore-fraction
+    uses_prior: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> MethodSpec:
+        base, _, fraction = text.partition("@")
+        allocator, _, extra = base.partition("+")
+        if allocator not in (*ALLOCATORS, "oracle") or allocator == "uniform" or extra not in ("", "prior"):
+            raise UsageError(f"unknown allocator {text!r}: choose from {', '.join(ALLOCATORS[1:])} "
+                             "(optionally +prior, @EXPLORE_FRACTION)")
+        try:
+            value = float(fraction) if fraction else None
+        except ValueError as e:
+            raise UsageError(f"{text!r}: the part after @ is an explore fraction in (0, 1]") from e
+        if value is not None and not 0 < value <= 1:
+            raise UsageError(f"{text!r}: the explore fraction must be in (0, 1]")
+        return cls(text, allocator, value, extra == "prior")
+
+
+class _Batch:
+    """One batch's draws: explore samples shared by every method with the same d (common random numbers)."""
+
+    def __init__(self, sampler: _Sampler, rewards: list[np.ndarray], prompts: np.ndarray, num_runs: int,
+                 rng: np.random.Generator, prior: Any = None) -> None:
+        self.sampler, self.rewards, self.prompts, self.num_runs, self.rng = sampler, rewards, prompts, num_runs, rng
+        self.prior = prior  # WindowPrior for these prompts, or None
+        self._explore: dict[int, np.ndarray] = {}
+
+    def explore(self, num_explore: int) -> np.ndarray:
+        if num_explore not in self._explore:  # (R, K, d)
+            self._explore[num_explore] = self.sampler.draw(self.rng, self.prompts, (self.num_runs, num_explore))
+        return self._explore[num_explore]
+
+    def totals(self, spec: MethodSpec, budget: int, explore_fraction: float, options: dict[str, Any],
+               elapsed_s: dict[str, float]) -> np.ndarray:
+        """(R,) batch totals Σ_i max reward of ``spec`` at ``budget`` per prompt."""
+        k = self.prompts.size
+        num_explore = num_explore_samples(budget, spec.explore_fraction or explore_fraction)
+        explore = self.explore(num_explore)
+        remaining = np.full(k, budget - num_explore)
+        counts = np.zeros((self.num_runs, k), dtype=np.int64)
+        started = time.perf_counter()
+        for run in range(self.num_runs):
+            if spec.allocator == "oracle":
+                gains = EmpiricalGains([self.rewards[p] for p in self.prompts], explore[run].max(axis=1))
+                counts[run] = greedy_allocate(gains, k, int(remaining.sum()))
+            else:
+                counts[run] = allocate(list(explore[run]), remaining, method=spec.allocator, seed=self.rng,
+                                       prior=self.prior if spec.uses_prior else None, **options)
+        elapsed_s[spec.name] = elapsed_s.get(spec.name, 0.0) + time.perf_counter() - started
+        extra = self.sampler.draw(self.rng, self.prompts, (self.num_runs, max(1, int(counts.max()))))
+        extra[np.arange(extra.shape[2])[None, None, :] >= counts[:, :, None]] = -np.inf
+        return np.maximum(explore.max(axis=2), extra.max(axis=2)).sum(axis=1)
+
+
 def simulate(rewards: list[np.ndarray], *, ks: list[int], methods: list[str], budget: int, explore_fraction: float,
              num_runs: int, num_batches: int, seed: int, floor_fraction: float = 0.0,
-             cap_factor: float | None = None) -> list[BenchRow]:
+             cap_factor: float | None = None, saving_grid: Sequence[float] = (),
+             folds: Sequence[tuple[np.ndarray, Callable[[np.ndarray], Any] | None]] = ()) -> list[BenchRow]:
+    """The paper's protocol per K; ``saving_grid``: budgets (multiples of B) for ``budget_saving``.
+
+    ``folds``: (held-out pool indices, prior_for) pairs; batch j draws its prompts from fold j mod F only,
+    and ``+prior`` methods get ``prior_for(prompts)`` (cross-validation: ``middleware.bench.prior_cv``).
+    """
     sampler = _Sampler(rewards)
-    num_explore = num_explore_samples(budget, explore_fraction)
+    specs = [MethodSpec.parse(m) for m in methods] + [MethodSpec("oracle", "oracle")]
+    options: dict[str, Any] = {"floor_fraction": floor_fraction, "cap_factor": cap_factor}
+    grid = sorted({*(max(2, round(g * budget)) for g in saving_grid), budget}) if saving_grid else [budget]
+    at_budget = grid.index(budget)
+    sources = list(folds) or [(np.arange(len(rewards)), None)]
     rows = []
     for k in ks:
-        if k > len(rewards):
-            raise UsageError(f"--k {k} exceeds the pool's {len(rewards)} prompts")
+        smallest = min(ids.size for ids, _ in sources)
+        if k > smallest:
+            raise UsageError(f"--k {k} exceeds the pool's {smallest} prompts" + (" per fold" if folds else ""))
         rng = np.random.default_rng([seed, k])
-        names = [*methods, *BASELINES]
-        per_batch = {m: [] for m in names}  # (bwr, est, gain)
-        elapsed_s = {m: 0.0 for m in names}
-        for _ in range(num_batches):
-            prompts = rng.choice(len(rewards), size=k, replace=False)
+        per_batch: dict[str, list[tuple[float, float, float]]] = {s.name: [] for s in [*specs, MethodSpec("null", "null")]}
+        means_at: dict[str, list[list[float]]] = {s.name: [] for s in specs}  # (batches, G) mean totals
+        curves, elapsed_s = [], {}  # (batches, 2B) uniform mean totals
+        for batch_index in range(num_batches):
+            pool_ids, prior_for = sources[batch_index % len(sources)]
+            prompts = rng.choice(pool_ids, size=k, replace=False)
             uniform_curve = np.maximum.accumulate(sampler.draw(rng, prompts, (num_runs, 2 * budget)), axis=2).sum(axis=1)
+            curves.append(uniform_curve.mean(axis=0))
             null_totals = sampler.draw(rng, prompts, (num_runs, budget)).max(axis=2).sum(axis=1)
             per_batch["null"].append(_batch_metrics(null_totals, uniform_curve, budget))
-            explore = sampler.draw(rng, prompts, (num_runs, num_explore))  # (R, K, d), shared by every method
-            remaining = np.full(k, budget - num_explore)
-            for name in [*methods, "oracle"]:
-                counts = np.zeros((num_runs, k), dtype=np.int64)
-                started = time.perf_counter()
-                for run in range(num_runs):
-                    if name == "oracle":
-                        gains = EmpiricalGains([rewards[p] for p in prompts], explore[run].max(axis=1))
-                        counts[run] = greedy_allocate(gains, k, int(remaining.sum()))
-                    else:
-                        counts[run] = allocate(list(explore[run]), remaining, method=name, seed=rng,
-                                               floor_fraction=floor_fraction, cap_factor=cap_factor)
-                elapsed_s[name] += time.perf_counter() - started
-                extra = sampler.draw(rng, prompts, (num_runs, max(1, int(counts.max()))))
-                extra[np.arange(extra.shape[2])[None, None, :] >= counts[:, :, None]] = -np.inf
-                totals = np.maximum(explore.max(axis=2), extra.max(axis=2)).sum(axis=1)
-                per_batch[name].append(_batch_metrics(totals, uniform_curve, budget))
-        for name in names:
-            bwr, est, gain = (np.array(v) for v in zip(*per_batch[name]))
+            batch = _Batch(sampler, rewards, prompts, num_runs, rng, prior_for(prompts) if prior_for else None)
+            for spec in specs:
+                totals_at = [batch.totals(spec, b, explore_fraction, options, elapsed_s) for b in grid]
+                per_batch[spec.name].append(_batch_metrics(totals_at[at_budget], uniform_curve, budget))
+                means_at[spec.name].append([float(t.mean()) for t in totals_at])
+        curve_means = np.array(curves)
+        boot = np.random.default_rng([seed, k, 1])
+        for name, metrics in per_batch.items():
+            bwr, est, gain = (np.array(v) for v in zip(*metrics))
             q1, median, q3 = np.quantile(bwr, [0.25, 0.5, 0.75])
-            rows.append(BenchRow(k=k, method=name, budget=budget, median_bwr=float(median), q1_bwr=float(q1),
-                                 q3_bwr=float(q3), frac_bwr_gt_half=float(np.mean(bwr > 0.5)),
-                                 median_est=float(np.median(est)), median_est_over_budget=float(np.median(est) / budget),
-                                 mean_gain=float(gain.mean() / k), num_explore=num_explore,
-                                 mean_allocation_ms=1000 * elapsed_s[name] / (num_batches * num_runs)))
+            if name == "null":
+                equivalence, saving = Interval(1.0, 1.0, 1.0), Interval(0.0, 0.0, 0.0)
+            else:
+                at = np.array(means_at[name])
+                equivalence = budget_equivalence(at[:, at_budget], curve_means, budget, rng=boot)
+                saving = (saving_from_needed(budget_needed(at, np.array(grid), curve_means[:, budget - 1], budget,
+                                                           rng=boot)) if len(grid) > 1 else None)
+            spec = next((s for s in specs if s.name == name), None)
+            f = (spec.explore_fraction if spec and spec.explore_fraction else explore_fraction)
+            rows.append(BenchRow(
+                k=k, method=name, budget=budget, median_bwr=float(median), q1_bwr=float(q1), q3_bwr=float(q3),
+                frac_bwr_gt_half=float(np.mean(bwr > 0.5)), median_est=float(np.median(est)),
+                median_est_over_budget=float(np.median(est) / budget), mean_gain=float(gain.mean() / k),
+                num_explore=num_explore_samples(budget, f) if name != "null" else 0,
+                mean_allocation_ms=1000 * elapsed_s.get(name, 0.0) / (num_batches * num_runs * len(grid)),
+                median_bwr_ci=median_interval(bwr, rng=boot).as_list()[1:],
+                budget_equivalence=round(equivalence.value, 4), budget_equivalence_ci=equivalence.as_list()[1:],
+                budget_equivalence_censored=equivalence.censored,
+                budget_saving=round(saving.value, 4) if saving else None,
+                budget_saving_ci=saving.as_list()[1:] if saving else None,
+                budget_saving_censored=saving.censored if saving else None))
     return rows
 
 
@@ -182,7 +283,7 @@ def time_large_window(rewards: list[np.ndarray], methods: list[str], *, num_prom
     d = num_explore_samples(budget, explore_fraction)
     prompts = rng.choice(len(rewards), size=num_prompts, replace=True)
     timings = {}
-    for method in ["uniform", *methods]:
+    for method in dict.fromkeys(["uniform", *(MethodSpec.parse(m).allocator for m in methods)]):
         samples = []
         for _ in range(repeats):
             explore = list(sampler.draw(rng, prompts, (1, d))[0])
@@ -222,28 +323,64 @@ def _plot(rows: list[BenchRow], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def _ci(values: list[float] | None) -> str:
+    return f"[{values[0]:.3f}, {values[1]:.3f}]" if values else ""
+
+
 def _table(rows: list[BenchRow]) -> str:
-    lines = [f"{'K':>3} {'method':<16} {'BWR med [q1, q3]':<22} {'BWR>.5':>6} {'EST':>7} {'EST/B':>6} {'gain/prompt':>11} {'ms':>6}"]
+    lines = [f"{'K':>3} {'method':<24} {'BWR med [95% CI]':<22} {'BWR>.5':>6} {'EST/B':>6} "
+             f"{'equiv ×B [95% CI]':<23} {'saving [95% CI]':<23} {'gain/prompt':>11} {'ms':>6}"]
     for r in rows:
-        lines.append(f"{r.k:>3} {r.method:<16} {r.median_bwr:.3f} [{r.q1_bwr:.3f}, {r.q3_bwr:.3f}]  "
-                     f"{r.frac_bwr_gt_half:>6.0%} {r.median_est:>7.1f} {r.median_est_over_budget:>6.3f} "
+        saving = f"{r.budget_saving:.3f} {_ci(r.budget_saving_ci)}" if r.budget_saving is not None else "-"
+        lines.append(f"{r.k:>3} {r.method:<24} {r.median_bwr:.3f} {_ci(r.median_bwr_ci):<16} "
+                     f"{r.frac_bwr_gt_half:>6.0%} {r.median_est_over_budget:>6.3f} "
+                     f"{r.budget_equivalence:.3f} {_ci(r.budget_equivalence_ci):<17} {saving:<23} "
                      f"{r.mean_gain:>11.4f} {r.mean_allocation_ms:>6.2f}")
     return "\n".join(lines)
+
+
+def _folds(args: argparse.Namespace, rewards: list[np.ndarray], methods: list[str]) -> tuple[list[Any], list[float]]:
+    """Held-out folds with priors learned off-fold (``--cross-validate``); mean held-out R² per target."""
+    needs_prior = any(MethodSpec.parse(m).uses_prior for m in methods)
+    if needs_prior and args.cross_validate < 2:
+        raise UsageError("+prior methods learn from other prompts: give --cross-validate FOLDS (>= 2)")
+    if args.cross_validate < 2:
+        return [], []
+    from middleware.bench.pools import load_pool
+    from middleware.bench.prior_cv import make_folds, pool_features
+
+    pool = load_pool(args.pool) if not args.pool.startswith("synthetic:") else None
+    texts = [p.prompt for p in pool.prompts] if pool else [f"synthetic prompt {i}" for i in range(len(rewards))]
+    features = pool_features(texts, args.prior_features, pool.header.get("reward") if pool else None)
+    try:
+        folds = make_folds(rewards, features, num_folds=args.cross_validate, train_samples=args.budget,
+                           seed=args.seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    return folds, [float(np.nanmean(v)) for v in zip(*(f.held_out_r2 for f in folds))]
 
 
 def run(args: argparse.Namespace) -> int:
     ks, methods = _parse_args(args)
     rewards, header = load_rewards(args.pool, args.seed)
     started = time.perf_counter()
+    try:
+        grid = [float(g) for g in str(args.saving_grid).split(",") if g.strip()]
+    except ValueError as e:
+        raise UsageError(f"--saving-grid takes comma-separated multiples of B, got {args.saving_grid!r}") from e
+    folds, fold_r2 = _folds(args, rewards, methods)
     rows = simulate(rewards, ks=ks, methods=methods, budget=args.budget, explore_fraction=args.explore_fraction,
                     num_runs=args.runs, num_batches=args.batches, seed=args.seed,
-                    floor_fraction=args.floor_fraction, cap_factor=args.cap_factor)
+                    floor_fraction=args.floor_fraction, cap_factor=args.cap_factor, saving_grid=grid,
+                    folds=[(f.test, f.prior_for) for f in folds])
     timings = time_large_window(rewards, methods, budget=args.budget, explore_fraction=args.explore_fraction)
     report = {"pool": args.pool, "pool_kind": header.get("kind"), "num_prompts": len(rewards),
               "samples_per_prompt": int(np.median([r.size for r in rewards])), "budget": args.budget,
               "explore_fraction": args.explore_fraction, "floor_fraction": args.floor_fraction,
               "cap_factor": args.cap_factor, "runs": args.runs, "batches": args.batches,
-              "seed": args.seed, "elapsed_s": round(time.perf_counter() - started, 2),
+              "seed": args.seed, "elapsed_s": round(time.perf_counter() - started, 2), "saving_grid": grid,
+              "cross_validate": args.cross_validate, "prior_features": args.prior_features,
+              "prior_held_out_r2": fold_r2,
               "allocation_ms_256_prompts": timings, "results": [asdict(r) for r in rows]}
     if args.plot:
         _plot(rows, args.plot, f"{args.pool}: B={args.budget}, d={rows[0].num_explore}, {args.batches}×{args.runs}")

@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window-budget", type=int, default=16, help="budget per prompt in the allocation window")
     parser.add_argument("--repeats", type=int, default=21, help="allocation repeats (median reported)")
     parser.add_argument("--allocator", default="adabon", help="allocation method timed (default adabon)")
+    parser.add_argument("--shards", type=int, default=int(os.environ.get("ALIGNQ_SHARDS", "1")),
+                        help="S: requests spread over S hash-tagged shards (default ALIGNQ_SHARDS, else 1)")
     parser.add_argument("--redis-url", default=None, help="Redis to publish into (default ALIGNQ_REDIS_URL, else embedded)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
@@ -80,7 +82,7 @@ async def _measure_client(redis_url: str, args: argparse.Namespace) -> dict[str,
     num_requests = args.requests
     # max_pending above everything we send: this measures ingest, not backpressure.
     client = Client(redis_url, namespace=namespace, max_pending=4 * num_requests + 10,
-                    submit_chunk_size=args.chunk_size)
+                    submit_chunk_size=args.chunk_size, num_shards=args.shards)
     try:
         await client.redis.ping()
         await delete_namespace(client.redis, namespace)
@@ -104,13 +106,16 @@ async def _measure_client(redis_url: str, args: argparse.Namespace) -> dict[str,
         submit_many_s = time.perf_counter() - start_s
         assert len(ids) == num_requests
 
-        num_queued = await client.redis.xlen(client.keys.requests)
+        num_queued = sum([await client.redis.xlen(client.keys.for_shard(shard).requests)
+                          for shard in client.keys.shards])
     finally:
         await delete_namespace(client.redis, namespace)
         await client.aclose()
     latencies_s.sort()
     return {
         "namespace": namespace,
+        "shards": args.shards,
+        "cluster": client.keys.hash_tags and redis_url.startswith("redis+cluster://"),
         "requests": num_requests,
         "payload_bytes": payload_bytes,
         "submit_per_s": num_requests / submit_s,
@@ -153,9 +158,14 @@ def redis_benchmark_xadd(redis_url: str, *, num_requests: int, payload_bytes: in
     binary = shutil.which("redis-benchmark")
     if binary is None:
         raise RuntimeError("redis-benchmark not found on PATH; install redis-tools (apt) to compare with Redis")
+    is_cluster = redis_url.startswith("redis+cluster://")
+    if is_cluster:  # one seed node; redis-benchmark --cluster finds the rest (one stream: one slot)
+        redis_url = "redis://" + redis_url.split("://", 1)[1].split(",")[0].split("/")[0]
     connection = Redis.from_url(redis_url)
     kwargs = connection.connection_pool.connection_kwargs
     command = [binary, "-n", str(num_requests), "-c", str(clients), "-P", str(pipeline), "--csv"]
+    if is_cluster:
+        command.append("--cluster")
     if "path" in kwargs:
         command += ["-s", kwargs["path"]]
     else:
@@ -164,13 +174,22 @@ def redis_benchmark_xadd(redis_url: str, *, num_requests: int, payload_bytes: in
         command += ["-a", kwargs["password"]]
         if kwargs.get("username"):
             command += ["--user", kwargs["username"]]
-    command += ["--dbnum", str(kwargs.get("db", 0))]
+    if not is_cluster:
+        command += ["--dbnum", str(kwargs.get("db", 0))]
     command += ["XADD", key, "*", "m", "x" * payload_bytes]
     try:
         completed = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     finally:
-        connection.delete(key)
         connection.close()
+        if is_cluster:
+            from redis.cluster import RedisCluster
+
+            cluster = RedisCluster.from_url(redis_url)
+            cluster.delete(key)
+            cluster.close()
+        else:
+            with Redis.from_url(redis_url) as plain:
+                plain.delete(key)
     if completed.returncode != 0:
         raise RuntimeError(f"redis-benchmark failed ({completed.returncode}): {completed.stderr.strip()[:300]}")
     return parse_redis_benchmark_csv(completed.stdout)

@@ -9,7 +9,10 @@ Format (JSON lines, UTF-8; small enough to commit, greppable, appendable):
               "is_finished": [bool, ...] | null}
 
 One line per prompt, samples in generation order. Building appends a line as each prompt finishes, so
-an interrupted build resumes where it stopped (prompts already in the file are skipped). Synthetic
+an interrupted build resumes where it stopped (prompts already in the file are skipped; a last line cut
+short by a kill is dropped and its prompt generated again). ``max_duration_s`` stops a build cleanly
+after the prompt that crosses it, so long builds run in bounded chunks. A finished pool may be
+gzip-compressed (``.jsonl.gz``): ``load_pool`` reads either. Synthetic
 pools draw rewards from parametric distributions and carry no texts.
 
 Building from models imports ``workers`` lazily: this module is torch-free on import.
@@ -17,6 +20,7 @@ Building from models imports ``workers`` lazily: this module is torch-free on im
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import math
@@ -98,7 +102,8 @@ def load_pool(path: str | Path) -> Pool:
         raise PoolError(f"no pool at {path}: build one with `alignq pool build`")
     header: dict[str, Any] | None = None
     prompts: list[PoolPrompt] = []
-    with path.open(encoding="utf-8") as lines:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -123,6 +128,17 @@ def write_pool(pool: Pool, path: str | Path) -> None:
     with Path(path).open("w", encoding="utf-8") as out:
         out.write(json.dumps(pool.header) + "\n")
         out.writelines(json.dumps(prompt.to_json(), ensure_ascii=False) + "\n" for prompt in pool.prompts)
+
+
+def drop_truncated_tail(path: str | Path) -> bool:
+    """Cut a last line that a kill left without its newline (resuming then regenerates that prompt)."""
+    path = Path(path)
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    path.write_bytes(data[: data.rfind(b"\n") + 1])
+    logger.warning("pool path=%s: dropped a truncated last line", path)
+    return True
 
 
 def append_prompt(path: str | Path, prompt: PoolPrompt) -> None:
@@ -195,8 +211,11 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 def build_pool(prompts_path: str | Path, out_path: str | Path, *, num_samples: int, model: str | None = None,
                reward: str | None = None, max_new_tokens: int = 32, temperature: float = 0.8, top_p: float = 1.0,
                seed: int = 0, device: str = "auto", num_threads: int = 0, max_batch: int = 64,
-               progress: bool = True) -> Pool:
-    """Generate ``num_samples`` scored samples per prompt; resumes a partly built pool at ``out_path``."""
+               progress: bool = True, max_duration_s: float | None = None) -> Pool:
+    """Generate ``num_samples`` scored samples per prompt; resumes a partly built pool at ``out_path``.
+
+    ``max_duration_s``: stop after the prompt that crosses it (the pool is then partial; run again).
+    """
     prompts = read_prompts(prompts_path)
     out_path = Path(out_path)
     header = {"alignq_pool": POOL_FORMAT_VERSION, "kind": "model", "model": model, "reward": reward,
@@ -205,6 +224,7 @@ def build_pool(prompts_path: str | Path, out_path: str | Path, *, num_samples: i
               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     done: set[str] = set()
     if out_path.exists() and out_path.stat().st_size > 0:
+        drop_truncated_tail(out_path)
         existing = load_pool(out_path)
         settings = ("model", "reward", "max_new_tokens", "temperature", "seed")
         changed = [k for k in settings if existing.header.get(k) != header[k]]
@@ -218,13 +238,15 @@ def build_pool(prompts_path: str | Path, out_path: str | Path, *, num_samples: i
     if todo:
         _generate_into(out_path, todo, num_samples=num_samples, model=model, reward=reward,
                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                       device=device, num_threads=num_threads, max_batch=max_batch, progress=progress)
+                       device=device, num_threads=num_threads, max_batch=max_batch, progress=progress,
+                       max_duration_s=max_duration_s)
     return load_pool(out_path)
 
 
 def _generate_into(out_path: Path, todo: list[tuple[str, str | list[dict], dict]], *, num_samples: int,
                    model: str | None, reward: str | None, max_new_tokens: int, temperature: float, top_p: float,
-                   seed: int, device: str, num_threads: int, max_batch: int, progress: bool) -> None:
+                   seed: int, device: str, num_threads: int, max_batch: int, progress: bool,
+                   max_duration_s: float | None = None) -> None:
     from tqdm import tqdm
 
     from workers.engine import Engine, GenerationRequest
@@ -234,6 +256,7 @@ def _generate_into(out_path: Path, todo: list[tuple[str, str | list[dict], dict]
     engine = Engine(load_policy(model, device=device), load_reward(reward, device=device), max_batch=max_batch)
     # several prompts per engine call when N is small, so a batch stays near max_batch samples
     prompts_per_call = max(1, max_batch // max(1, num_samples))
+    started = time.monotonic()
     with tqdm(total=len(todo) * num_samples, unit="sample", file=sys.stderr, disable=not progress) as bar:
         for chunk in _batches(todo, prompts_per_call):
             requests = [GenerationRequest(key=pid, prompt=prompt, num_samples=num_samples,
@@ -248,3 +271,6 @@ def _generate_into(out_path: Path, todo: list[tuple[str, str | list[dict], dict]
                                                    [s.is_finished for s in samples]))
                 bar.update(len(samples))
                 logger.info("pool prompt_id=%s samples=%d generate_s=%.1f", pid, len(samples), result.generate_s)
+            if max_duration_s is not None and time.monotonic() - started >= max_duration_s:
+                logger.info("pool path=%s: stopped early after max_duration_s=%.0f", out_path, max_duration_s)
+                return

@@ -26,7 +26,6 @@ import statistics
 from typing import Any
 
 from middleware.bench.ingest import hardware_info as host_info
-from middleware.bench.ingest import percentile
 from middleware.errors import UsageError
 
 DEFAULT_PROMPTS = (
@@ -47,7 +46,8 @@ DEFAULT_PROMPTS = (
     "Explain recursion with a simple example.",
     "Write a polite message declining a meeting invitation.",
 )
-MODES = ("hf_loop", "engine", "middleware")
+MODES = ("hf_loop", "engine", "middleware", "backend", "server")
+DEFAULT_MODES = ("hf_loop", "engine", "middleware")  # backend and server need --backend-url
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per sample")
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--method", default="uniform", choices=("uniform", "bon"),
+                        help="middleware: uniform (one stage) or bon (explore, allocate, exploit: two stages)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes in the middleware run")
     parser.add_argument("--model", default=None, help="policy LM spec (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--reward", default=None, help="reward spec (default: MiniLM preference reward)")
@@ -69,7 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1,
                         help="measure every mode this often, interleaved; report the median run and ratio")
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument("--modes", "--mode", dest="modes", default=",".join(DEFAULT_MODES),
+                        help=f"comma-separated subset of {','.join(MODES)} (default {','.join(DEFAULT_MODES)})")
+    parser.add_argument("--backend-url", default=None,
+                        help="backend, server: an OpenAI-compatible server's /v1 base (middleware.bench.throughput_backend)")
+    parser.add_argument("--backend-model", default=None, help="backend, server: model name sent to the server")
+    parser.add_argument("--backend-concurrency", type=int, default=64,
+                        help="backend, server: requests in flight to the server (ALIGNQ_BACKEND_MAX_CONCURRENCY)")
     parser.add_argument("--redis-url", default=None, help="Redis for (c) (default ALIGNQ_REDIS_URL, else embedded)")
     parser.add_argument("--timeout-s", type=float, default=900.0, help="give up on (c) after this long")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -116,17 +124,24 @@ def run(args: argparse.Namespace) -> int:
     if args.plot is not None:
         _check_matplotlib()
 
+    from middleware.bench import throughput_backend as backend
     from middleware.bench import throughput_modes as measure
+
+    if {"backend", "server"} & set(modes):
+        backend.check_backend_url(args)
 
     report: dict[str, Any] = {"num_prompts": len(prompts), "budget": args.budget,
                               "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                              "top_p": args.top_p, "repeats": args.repeats}
+                              "top_p": args.top_p, "repeats": args.repeats, "method": args.method}
     runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
     with contextlib.ExitStack() as stack:
         threads = measure.resolve_threads(args.threads)
         if "middleware" in modes:  # started first: its model loads while ours does
             measure_middleware = stack.enter_context(
                 measure.middleware_session(args, threads=threads, warmup_prompt=prompts[0]))
+        if "backend" in modes:
+            measure_backend = stack.enter_context(
+                backend.backend_session(args, threads=threads, warmup_prompt=prompts[0]))
         local = measure.load_local(args) if {"hf_loop", "engine"} & set(modes) else None
         if local is not None:
             threads = local.hardware["threads"]
@@ -135,9 +150,13 @@ def run(args: argparse.Namespace) -> int:
             for mode in (modes if repeat % 2 == 0 else modes[::-1]):
                 if mode == "middleware":
                     runs[mode].append(measure_middleware(prompts))
+                elif mode == "backend":
+                    runs[mode].append(measure_backend(prompts))
+                elif mode == "server":
+                    runs[mode].append(backend.run_server(prompts, args))
                 else:
                     runs[mode].append(measure.MODE_RUNNERS[mode](local, prompts, args))
-    if "middleware" in modes:
+    if {"middleware", "backend", "server"} & set(modes):
         report.setdefault("hardware", {**host_info(), "threads": threads, "device": args.device,
                                        "dtype": args.dtype})
         report["hardware"]["worker_processes"] = args.workers
@@ -147,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
         report[mode] = median_run(mode_runs)
         report[mode]["runs_samples_per_s"] = [run["samples_per_s"] for run in mode_runs]
     # ratios of runs measured side by side (same repeat), then their median
+    if "backend" in runs and "server" in runs:
+        report.update(backend.backend_ratios(runs["backend"], runs["server"]))
     for key, upper, lower in (("engine_over_hf", "engine", "hf_loop"), ("middleware_over_engine", "middleware", "engine")):
         if upper in runs and lower in runs:
             ratios = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(runs[upper], runs[lower])]
@@ -167,28 +188,6 @@ def median_run(runs: list[dict[str, float]]) -> dict[str, float]:
     return dict(ordered[(len(ordered) - 1) // 2])
 
 
-def summarize(done_s: list[float], wall_s: float, num_samples: int, num_tokens: int, *,
-              cpu_s: float = 0.0) -> dict[str, float]:
-    """Rates over the run's wall time, time-to-result percentiles (s) over prompts, and CPU time.
-
-    ``cpu_s``: CPU seconds the processes doing the work used (this one; for the middleware also the
-    scheduler and workers, Redis not counted). On a shared host, samples per CPU-second is the
-    number other processes disturb least.
-    """
-    done_sorted = sorted(done_s)
-    return {
-        "cpu_s": cpu_s,
-        "samples_per_cpu_s": num_samples / cpu_s if cpu_s > 0 else 0.0,
-        "wall_s": wall_s,
-        "num_samples": num_samples,
-        "num_tokens": num_tokens,
-        "samples_per_s": num_samples / wall_s,
-        "tokens_per_s": num_tokens / wall_s,
-        "p50_s": percentile(done_sorted, 50),
-        "p95_s": percentile(done_sorted, 95),
-    }
-
-
 def format_report(report: dict[str, Any]) -> str:
     hardware = report.get("hardware", {})
     title = (f"throughput: {report['num_prompts']} prompts x budget {report['budget']} x {report['max_new_tokens']} "
@@ -202,6 +201,10 @@ def format_report(report: dict[str, Any]) -> str:
             if f"{key}_per_cpu_s" in report:
                 line += f"; {report[f'{key}_per_cpu_s']:.2f}x samples per CPU-second"
             lines.append(line)
+    if "backend_over_server" in report:
+        lines.append(f"  {'backend / server':<20} {report['backend_over_server']:.2f}x samples/s; "
+                     f"{report['backend_over_server_without_scoring']:.2f}x without the workers' scoring "
+                     f"({report['backend_score_share']:.0%} of the backend's wall time)")
     lines.append(f"  {'mode':<12} {'samples/s':>10} {'tokens/s':>10} {'p50 s':>8} {'p95 s':>8} {'wall s':>8} {'CPU s':>8}")
     for mode in MODES:
         if mode in report:
@@ -225,8 +228,10 @@ def write_plot(report: dict[str, Any], path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     modes = [mode for mode in MODES if mode in report]
-    labels = {"hf_loop": "generate() loop", "engine": "alignq engine", "middleware": "alignq via Redis"}
-    colors = {"hf_loop": "#999999", "engine": "#1f77b4", "middleware": "#2ca02c"}
+    labels = {"hf_loop": "generate() loop", "engine": "alignq engine", "middleware": "alignq via Redis",
+              "backend": "alignq + server", "server": "server alone"}
+    colors = {"hf_loop": "#999999", "engine": "#1f77b4", "middleware": "#2ca02c", "backend": "#9467bd",
+              "server": "#8c564b"}
     fig, (ax_rate, ax_latency) = plt.subplots(1, 2, figsize=(10, 4))
     rates = [report[mode]["samples_per_s"] for mode in modes]
     bars = ax_rate.bar([labels[m] for m in modes], rates, color=[colors[m] for m in modes])

@@ -1,6 +1,7 @@
 """The three runners of ``alignq bench throughput``: hand-written generate() loop, engine, middleware.
 
-Imported by ``middleware.bench.throughput.run`` only (it loads torch through ``workers``).
+Imported by ``middleware.bench.throughput.run`` only (it loads torch through ``workers``, lazily). The
+middleware's processes come from the one launcher, ``middleware.runtime.launcher``.
 """
 
 from __future__ import annotations
@@ -10,16 +11,13 @@ import contextlib
 import dataclasses
 import logging
 import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from middleware.bench.ingest import hardware_info as host_info
-from middleware.bench.ingest import redis_for_bench
+from middleware.bench.ingest import percentile, redis_for_bench
+from middleware.runtime.launcher import Launcher
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +90,29 @@ def hf_generate_and_score(local: LocalModels, prompt: Any, *, budget: int, max_n
     return rewards, count_generated_tokens(generated, local.eos_token_ids)
 
 
-def run_hf_loop(local: LocalModels, prompts: list[Any], args: argparse.Namespace) -> dict[str, float]:
-    from middleware.bench.throughput import summarize
+def summarize(done_s: list[float], wall_s: float, num_samples: int, num_tokens: int, *,
+              cpu_s: float = 0.0) -> dict[str, float]:
+    """Rates over the run's wall time, time-to-result percentiles (s) over prompts, and CPU time.
 
+    ``cpu_s``: CPU seconds the processes doing the work used (this one; for the middleware also the
+    scheduler and workers, Redis not counted). On a shared host, samples per CPU-second is the
+    number other processes disturb least.
+    """
+    done_sorted = sorted(done_s)
+    return {
+        "cpu_s": cpu_s,
+        "samples_per_cpu_s": num_samples / cpu_s if cpu_s > 0 else 0.0,
+        "wall_s": wall_s,
+        "num_samples": num_samples,
+        "num_tokens": num_tokens,
+        "samples_per_s": num_samples / wall_s,
+        "tokens_per_s": num_tokens / wall_s,
+        "p50_s": percentile(done_sorted, 50),
+        "p95_s": percentile(done_sorted, 95),
+    }
+
+
+def run_hf_loop(local: LocalModels, prompts: list[Any], args: argparse.Namespace) -> dict[str, float]:
     params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p}
     hf_generate_and_score(local, prompts[0], budget=WARMUP_BUDGET, seed=args.seed,
                           **{**params, "max_new_tokens": WARMUP_NEW_TOKENS})
@@ -112,7 +130,6 @@ def run_hf_loop(local: LocalModels, prompts: list[Any], args: argparse.Namespace
 
 
 def run_engine(local: LocalModels, prompts: list[Any], args: argparse.Namespace) -> dict[str, float]:
-    from middleware.bench.throughput import summarize
     from workers.engine import Engine, GenerationRequest
 
     engine = Engine(local.policy, local.reward, max_batch=args.max_batch)
@@ -159,107 +176,60 @@ def middleware_session(args: argparse.Namespace, *, threads: int, warmup_prompt:
     with redis_for_bench(args.redis_url) as redis_url:
         try:
             with service_processes(redis_url, namespace, args,
-                                   threads_per_worker=max(1, threads // args.workers)) as processes:
-                anyio.run(_warm_up_middleware, redis_url, namespace, warmup_prompt, args, processes)
-                yield lambda prompts: anyio.run(_measure_middleware, redis_url, namespace, prompts, args, processes)
+                                   threads_per_worker=max(1, threads // args.workers)) as launcher:
+                anyio.run(_warm_up_middleware, redis_url, namespace, warmup_prompt, args, launcher)
+                yield lambda prompts: anyio.run(_measure_middleware, redis_url, namespace, prompts, args, launcher)
         finally:
             anyio.run(_delete_namespace_keys, redis_url, namespace)
 
 
-@dataclasses.dataclass(slots=True)
-class ServiceProcess:
-    role: str
-    process: subprocess.Popen
-    log_path: str
-
-    def check_alive(self) -> None:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"alignq {self.role} exited with {self.process.returncode}: {self.log_tail()}")
-
-    def cpu_s(self) -> float:
-        """CPU seconds (user + system, all threads) the process used so far; 0 where /proc is missing."""
-        try:
-            with open(f"/proc/{self.process.pid}/stat", encoding="ascii") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-
-    def log_tail(self, num_chars: int = 1500) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as log:
-                return log.read()[-num_chars:].strip()
-        except OSError:
-            return ""
-
-
 @contextlib.contextmanager
 def service_processes(redis_url: str, namespace: str, args: argparse.Namespace, *,
-                      threads_per_worker: int) -> Iterator[list[ServiceProcess]]:
+                      threads_per_worker: int) -> Iterator[Launcher]:
     """``alignq scheduler`` and ``--workers`` × ``alignq worker`` subprocesses; stopped on exit."""
-    env = {**os.environ, "ALIGNQ_REDIS_URL": redis_url, "ALIGNQ_NAMESPACE": namespace,
-           "ALIGNQ_DEVICE": args.device, "ALIGNQ_DTYPE": args.dtype, "ALIGNQ_NUM_THREADS": str(threads_per_worker),
-           "OMP_NUM_THREADS": str(threads_per_worker), "ALIGNQ_MAX_BATCH": str(args.max_batch),
-           "ALIGNQ_MAX_NEW_TOKENS": str(args.max_new_tokens), "ALIGNQ_MAX_BUDGET": str(max(256, args.budget)),
-           "ALIGNQ_LOG_LEVEL": "WARNING"}
-    for name, value in (("ALIGNQ_MODEL", args.model), ("ALIGNQ_REWARD_MODEL", args.reward)):
-        if value:
-            env[name] = value
-        else:
-            env.pop(name, None)
-    log_dir = tempfile.mkdtemp(prefix="alignq-bench-")
-    processes: list[ServiceProcess] = []
-    roles = ["scheduler"] + ["worker"] * args.workers
-    try:
-        for number, role in enumerate(roles):
-            log_path = os.path.join(log_dir, f"{role}-{number}.log")
-            with open(log_path, "wb") as log:
-                process = subprocess.Popen(
-                    [sys.executable, "-c", "from middleware.cli import main; main()", role],
-                    env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                )
-            processes.append(ServiceProcess(role, process, log_path))
-        yield processes
-    finally:
-        for service in processes:
-            if service.process.poll() is None:
-                service.process.send_signal(signal.SIGTERM)
-        deadline_s = time.monotonic() + 20
-        for service in processes:
-            try:
-                service.process.wait(timeout=max(0.1, deadline_s - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                service.process.kill()
-                service.process.wait()
+    env: dict[str, str | None] = {
+        "ALIGNQ_NAMESPACE": namespace, "ALIGNQ_DEVICE": args.device, "ALIGNQ_DTYPE": args.dtype,
+        "ALIGNQ_NUM_THREADS": str(threads_per_worker), "OMP_NUM_THREADS": str(threads_per_worker),
+        "ALIGNQ_MAX_BATCH": str(args.max_batch), "ALIGNQ_MAX_NEW_TOKENS": str(args.max_new_tokens),
+        "ALIGNQ_MAX_BUDGET": str(max(256, args.budget)), "ALIGNQ_LOG_LEVEL": "WARNING",
+        "ALIGNQ_MODEL": args.model or None, "ALIGNQ_REWARD_MODEL": args.reward or None}
+    env.update(getattr(args, "worker_env", None) or {})  # e.g. the openai backend (throughput_backend)
+    with Launcher(redis_url, env=env, stop_timeout_s=20.0) as launcher:
+        for number, role in enumerate(["scheduler"] + ["worker"] * args.workers):
+            launcher.start(f"{role}-{number}", [role])
+        yield launcher
+
+
+def _cpu_s(launcher: Launcher) -> list[float]:
+    """CPU seconds so far: this process, then each child in start order (scheduler, workers)."""
+    return [time.process_time()] + [child.cpu_s() for child in launcher.children.values()]
 
 
 async def _measure_middleware(redis_url: str, namespace: str, prompts: list[Any], args: argparse.Namespace,
-                              processes: list[ServiceProcess]) -> dict[str, float]:
+                              launcher: Launcher) -> dict[str, float]:
     import anyio
 
-    from middleware.bench.throughput import summarize
     from middleware.client import Client
 
     async with Client(redis_url, namespace=namespace, max_pending=100_000, poll_interval_s=0.5) as client:
-        items = [{"prompt": prompt, "method": "uniform", "budget": args.budget, "max_new_tokens": args.max_new_tokens,
+        items = [{"prompt": prompt, "method": getattr(args, "method", "uniform"), "budget": args.budget, "max_new_tokens": args.max_new_tokens,
                   "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed + index}
                  for index, prompt in enumerate(prompts)]
         done_s: dict[str, float] = {}
         results: dict[str, Any] = {}
-        start_cpu_s = [time.process_time()] + [service.cpu_s() for service in processes]
+        start_cpu_s = _cpu_s(launcher)
         start_s = time.perf_counter()
         request_ids = await client.submit_many(items)
 
         async def wait_one(request_id: str) -> None:
-            results[request_id] = await _await_result(client, request_id, processes, args.timeout_s)
+            results[request_id] = await _await_result(client, request_id, launcher, args.timeout_s)
             done_s[request_id] = time.perf_counter() - start_s
 
         async with anyio.create_task_group() as group:
             for request_id in request_ids:
                 group.start_soon(wait_one, request_id)
         wall_s = time.perf_counter() - start_s
-        used_cpu_s = [end - start for end, start in zip(
-            [time.process_time()] + [service.cpu_s() for service in processes], start_cpu_s)]
+        used_cpu_s = [end - start for end, start in zip(_cpu_s(launcher), start_cpu_s)]
     num_samples = sum(result.samples_used for result in results.values())
     num_tokens = sum(result.num_tokens for result in results.values())
     summary = summarize(list(done_s.values()), wall_s, num_samples, num_tokens, cpu_s=sum(used_cpu_s))
@@ -273,43 +243,41 @@ async def _measure_middleware(redis_url: str, namespace: str, prompts: list[Any]
 
 
 async def _warm_up_middleware(redis_url: str, namespace: str, prompt: Any, args: argparse.Namespace,
-                              processes: list[ServiceProcess]) -> None:
+                              launcher: Launcher) -> None:
     """Wait for the heartbeats, then for one answered request: models loaded, code paths warm."""
     from middleware.client import Client
 
     async with Client(redis_url, namespace=namespace, max_pending=100_000, poll_interval_s=0.5) as client:
-        await _wait_for_heartbeats(client, processes, num_workers=args.workers, timeout_s=args.timeout_s)
-        warmup_id = await client.submit(prompt, method="uniform", budget=WARMUP_BUDGET,
+        await _wait_for_heartbeats(client, launcher, num_workers=args.workers, timeout_s=args.timeout_s)
+        warmup_id = await client.submit(prompt, method=getattr(args, "method", "uniform"), budget=WARMUP_BUDGET,
                                         max_new_tokens=WARMUP_NEW_TOKENS, seed=args.seed)
-        await _await_result(client, warmup_id, processes, args.timeout_s)
+        await _await_result(client, warmup_id, launcher, args.timeout_s)
 
 
-async def _await_result(client: Any, request_id: str, processes: list[ServiceProcess], timeout_s: float) -> Any:
+async def _await_result(client: Any, request_id: str, launcher: Launcher, timeout_s: float) -> Any:
     """The request's result, checking every few seconds that no service process died meanwhile."""
     from middleware.client import ResultTimeout
 
     deadline_s = time.monotonic() + timeout_s
     while True:
-        for service in processes:
-            service.check_alive()
+        launcher.check_alive()
         try:
             return await client.result(request_id, timeout_s=min(5.0, max(0.1, deadline_s - time.monotonic())))
         except ResultTimeout:
             if time.monotonic() >= deadline_s:
+                last = list(launcher.children)[-1]
                 raise RuntimeError(f"no result for {request_id} within {timeout_s} s; "
-                                   f"worker log: {processes[-1].log_tail()}") from None
+                                   f"worker log: {launcher.log_tail(last)}") from None
 
 
-async def _wait_for_heartbeats(client: Any, processes: list[ServiceProcess], *, num_workers: int,
-                               timeout_s: float) -> None:
+async def _wait_for_heartbeats(client: Any, launcher: Launcher, *, num_workers: int, timeout_s: float) -> None:
     import anyio
 
     deadline_s = time.monotonic() + timeout_s
     while True:
-        for service in processes:
-            service.check_alive()
-        workers = [key async for key in client.redis.scan_iter(match=client.keys.heartbeat_pattern("worker"))]
-        schedulers = [key async for key in client.redis.scan_iter(match=client.keys.heartbeat_pattern("scheduler"))]
+        launcher.check_alive()
+        workers = await client.heartbeats("worker")
+        schedulers = await client.heartbeats("scheduler")
         if len(workers) >= num_workers and schedulers:
             return
         if time.monotonic() > deadline_s:

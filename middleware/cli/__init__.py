@@ -13,13 +13,14 @@ import importlib
 import logging
 import sys
 
-from middleware.errors import UsageError
+from middleware.errors import ClientError, UsageError
 
 VERB_MODULES = (
     "middleware.cli.sample",  # alignq sample
     "middleware.cli.pool",  # alignq pool build
     "middleware.cli.services",  # alignq run | serve | scheduler | worker | gateway | submit
     "middleware.cli.bench",  # alignq bench allocation | aisp | throughput | ingest
+    "middleware.cli.control",  # alignq cancel
 )
 
 
@@ -58,6 +59,24 @@ def main(argv: list[str] | None = None) -> None:
     except UsageError as e:
         print(f"alignq {args.verb}: {e}", file=sys.stderr)
         code = 2
+    except (ClientError, BaseExceptionGroup) as e:  # e.g. Conflict: one line, exit 1, not a traceback
+        error = _client_error(e)
+        if error is None:
+            raise
+        print(f"alignq {args.verb}: {error}", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt:
         code = 130
     raise SystemExit(code or 0)
+
+
+def _client_error(error: BaseException) -> ClientError | None:
+    """The ClientError itself, or the first one inside an exception group (task groups wrap them)."""
+    if isinstance(error, ClientError):
+        return error
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            found = _client_error(inner)
+            if found is not None:
+                return found
+    return None

@@ -35,6 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "; ".join(f"{k}: {v}" for k, v in SYNTHETIC_KINDS.items()) + ")")
     build.add_argument("--num-prompts", type=int, default=24, help="synthetic: prompts (default 24)")
     build.add_argument("--spread", type=float, default=11.0, help="synthetic: largest/smallest scale (default 11)")
+    build.add_argument("--max-duration-s", type=float, default=None,
+                       help="stop cleanly after the prompt that crosses this many seconds (run again to resume)")
     build.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     build.set_defaults(func=_build)
 
@@ -60,9 +62,18 @@ def _build(args: argparse.Namespace) -> int:
             pool = build_pool(args.prompts, args.output, num_samples=args.samples, model=args.model,
                               reward=args.reward, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p, seed=args.seed, device=args.device, num_threads=args.threads,
-                              max_batch=args.max_batch, progress=not args.no_progress)
+                              max_batch=args.max_batch, progress=not args.no_progress,
+                              max_duration_s=args.max_duration_s)
     except PoolError as e:
         raise UsageError(str(e)) from e
+    if not args.synthetic:
+        from middleware.bench.pools import read_prompts
+
+        missing = len(read_prompts(args.prompts)) - len(pool.prompts)
+        if missing > 0:
+            print(f"{args.output}: stopped early, {len(pool.prompts)} prompts built, {missing} to go: "
+                  "run the same command again to resume", file=sys.stderr)
+            return 0
     print(f"{args.output}: {len(pool.prompts)} prompts × {args.samples} samples", file=sys.stderr)
     return 0
 

@@ -55,6 +55,9 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
+    from middleware.cli.services import require_worker_extra
+
+    require_worker_extra()
     from workers.engine import Engine, GenerationRequest
     from workers.errors import ModelLoadError
     from workers.models import configure_threads, load_policy, load_reward

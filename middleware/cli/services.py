@@ -13,15 +13,18 @@ worker processes (``workers`` is imported lazily).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic import ValidationError
 
-from middleware.errors import UsageError
+from middleware.errors import ServiceError, UsageError
+from middleware.runtime.launcher import Launcher
 from middleware.settings import GatewaySettings, SchedulerSettings
 
 logger = logging.getLogger(__name__)
@@ -50,6 +53,10 @@ WORKER_FLAGS = {
     "namespace": ("--namespace", str, "prefix of every Redis key (default alignq)"),
     "model": ("--model", str, "policy LM: HF name, local folder or .gguf (default: SmolLM2-135M-Instruct)"),
     "reward_model": ("--reward-model", str, "hf:<name-or-path>, embedding:<path> or python:<module>:<function>"),
+    "model_name": ("--model-name", str, "model name this worker serves (default: derived from the model)"),
+    "backend": ("--backend", str, "generation backend: hf (in-process, default) or openai (a server)"),
+    "backend_url": ("--backend-url", str, "openai backend: the server's /v1 base URL"),
+    "backend_model": ("--backend-model", str, "openai backend: model name sent to the server"),
     "device": ("--device", str, "auto, cpu or cuda"),
     "dtype": ("--dtype", str, "auto, float32, bfloat16 or float16"),
     "num_threads": ("--num-threads", int, "torch CPU threads per worker (0: cores / workers)"),
@@ -90,6 +97,15 @@ def build_settings(settings_type: type, args: argparse.Namespace, flags: dict[st
         raise UsageError(f"{flag}: {first.get('msg')}") from e
 
 
+def require_worker_extra() -> None:
+    """UsageError naming the extra to install when torch or transformers is missing (the bare install)."""
+    import importlib.util
+
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"this verb runs models and needs {' and '.join(missing)}: pip install 'alignq[worker]'")
+
+
 def worker_settings(args: argparse.Namespace, **extra: Any) -> Any:
     from workers.settings import WorkerSettings
 
@@ -119,6 +135,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.add_argument("prompt", nargs="?", help="one prompt (text); or use -f")
     submit.add_argument("-f", "--file", help="JSON lines file of requests (as for `alignq run`)")
     submit.add_argument("--no-wait", action="store_true", help="print the request ids and exit")
+    submit.add_argument("--model", default=None,
+                        help="model for lines that set none (a name live workers serve; default: the default model)")
     _add_output_flags(submit)
     submit.add_argument("--redis-url", default=None, help="Redis URL (default: ALIGNQ_REDIS_URL)")
     submit.add_argument("--namespace", default=None, help="prefix of every Redis key (default alignq)")
@@ -160,7 +178,7 @@ RUN_HELP = """Align every prompt of a JSON lines file and print one AlignResult 
 
 Input lines are JSON objects: {"prompt": "text" or [{"role": "user", "content": "..."}], and optionally
 "request_id", "budget", "method" (bon | uniform | aisp), "max_new_tokens", "temperature", "top_p",
-"priority", "deadline_ms", "seed", "metadata"}. A bad line stops everything before it starts (exit 2).
+"priority", "deadline_ms", "seed", "metadata", "model" (a model name workers serve)}. A bad line stops everything before it starts (exit 2).
 
 Output lines: request_id, status (ok | partial | error), response, reward, samples_used, method,
 timings {queued_s, total_s, generate_s, score_s}, error {code, message}. Exit 0 when every prompt
@@ -200,11 +218,9 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    try:
-        from workers.service import run_worker
-    except ImportError as e:
-        print(f"alignq worker: the worker service is not available: {e}", file=sys.stderr)
-        return 1
+    require_worker_extra()
+    from workers.service import run_worker
+
     settings = worker_settings(args)
     if not settings.redis_url:
         raise UsageError("no Redis: set ALIGNQ_REDIS_URL or --redis-url (`alignq serve` starts an embedded one)")
@@ -212,28 +228,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    try:
-        from middleware.gateway.app import run_gateway
-    except ImportError as e:
-        print(f"alignq gateway: the gateway is not available: {e}", file=sys.stderr)
-        return 1
+    from middleware.gateway.app import run_gateway
+
     return run_gateway(build_settings(GatewaySettings, args, GATEWAY_FLAGS))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from middleware.cli.batch import ServiceError, ServiceProcesses, collect_results, read_requests
+    from middleware.cli.batch import collect_results, read_requests
 
     settings = build_settings(SchedulerSettings, args, SCHEDULER_FLAGS)
     if args.workers < 1:
         raise UsageError(f"--workers must be at least 1 (got {args.workers})")
     requests = read_requests(args.prompts, settings, budget=args.budget, method=args.method)
-    worker_env = _worker_env(args)
     try:
-        with ServiceProcesses(settings.redis_url, verbosity=args.verbose) as services:
-            settings = settings.model_copy(update={"redis_url": services.redis_url})
-            services.start_workers(args.workers, worker_env)
+        with _launch_workers(settings, args) as launcher:
+            settings = settings.model_copy(update={"redis_url": launcher.redis_url})
             return collect_results(settings, requests, output=args.output, quiet=args.quiet,
-                                   timeout_s=args.timeout_s, services=services, run_scheduler=True,
+                                   timeout_s=args.timeout_s, launcher=launcher, run_scheduler=True,
                                    num_workers=args.workers)
     except ServiceError as e:
         print(f"alignq run: {e}", file=sys.stderr)
@@ -249,43 +260,38 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if (args.prompt is None) == (args.file is None):
         raise UsageError('give either one prompt or -f FILE, e.g. alignq submit "Tell me a joke"')
     source = args.file if args.file is not None else [json.dumps({"prompt": args.prompt})]
-    requests = read_requests(source, settings, budget=args.budget, method=args.method)
+    requests = read_requests(source, settings, budget=args.budget, method=args.method, model=args.model)
     if args.max_pending is not None:
         settings = settings.model_copy(update={"max_pending": args.max_pending})
     if args.no_wait:
         return submit_only(settings, requests)
     return collect_results(settings, requests, output=args.output, quiet=args.quiet, timeout_s=args.timeout_s,
-                           services=None, run_scheduler=False)
+                           launcher=None, run_scheduler=False)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import anyio
 
-    from middleware.cli.batch import ServiceError, ServiceProcesses
-
     settings = build_settings(SchedulerSettings, args, SCHEDULER_FLAGS)
-    worker_env = _worker_env(args)
     try:
-        with ServiceProcesses(settings.redis_url, verbosity=args.verbose) as services:
-            settings = settings.model_copy(update={"redis_url": services.redis_url})
-            services.start_workers(args.workers, worker_env)
+        with _launch_workers(settings, args) as launcher:
+            settings = settings.model_copy(update={"redis_url": launcher.redis_url})
             gateway_env = {"ALIGNQ_NAMESPACE": settings.namespace}
             gateway_env.update({f"ALIGNQ_{name.upper()}": str(value) for name, value in
                                 (("host", args.host), ("port", args.port)) if value is not None})
-            services.start("gateway", ["gateway"], gateway_env)
-            print(f"alignq serving: redis {services.redis_url}, {args.workers} worker(s), gateway "
+            launcher.start("gateway", ["gateway"], gateway_env)
+            print(f"alignq serving: redis {launcher.redis_url}, {args.workers} worker(s), gateway "
                   f"http://{args.host or '127.0.0.1'}:{args.port or 8000}  (Ctrl-C to stop)", file=sys.stderr)
-            return anyio.run(_serve, settings, services)
+            return anyio.run(_serve, settings, launcher)
     except ServiceError as e:
         print(f"alignq serve: {e}", file=sys.stderr)
         return 1
 
 
-async def _serve(settings: SchedulerSettings, services: Any) -> int:
+async def _serve(settings: SchedulerSettings, launcher: Launcher) -> int:
     """The scheduler until Ctrl-C/SIGTERM, watching the child processes: one dying stops the rest (exit 1)."""
     import anyio
 
-    from middleware.cli.batch import ServiceError
     from middleware.scheduler.service import serve_scheduler
 
     stop = anyio.Event()
@@ -294,7 +300,7 @@ async def _serve(settings: SchedulerSettings, services: Any) -> int:
     async def watch() -> None:
         while not stop.is_set():
             try:
-                services.check_alive()
+                launcher.check_alive()
             except ServiceError as e:
                 failures.append(e)
                 stop.set()
@@ -323,7 +329,12 @@ def _worker_env(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def alignq_command(*verb_args: str) -> list[str]:
-    """The command line that runs ``alignq VERB ...`` with this interpreter (no PATH lookup)."""
-    return [sys.executable, "-c", "from middleware.cli import main; main()", *verb_args]
+@contextlib.contextmanager
+def _launch_workers(settings: SchedulerSettings, args: argparse.Namespace) -> Iterator[Launcher]:
+    """A launcher on ``settings.redis_url`` (embedded if none) running ``--workers`` worker processes."""
+    worker_env = _worker_env(args)
+    with Launcher(settings.redis_url, verbosity=args.verbose) as launcher:
+        for i in range(args.workers):
+            launcher.start(f"worker-{i}", ["worker"], worker_env)
+        yield launcher
 

@@ -93,6 +93,10 @@ class SubmitStatus(IntEnum):
     SAMPLES_LIMITED = 5  # the tenant's samples-in-flight quota
 
 
+#: Replies after which the request is queued (the caller gets its id back).
+QUEUED_SUBMIT_STATUSES = frozenset({SubmitStatus.ACCEPTED, SubmitStatus.DUPLICATE})
+
+
 class CancelOutcome(IntEnum):
     """``CANCEL_LUA``'s reply."""
 

@@ -9,6 +9,10 @@ with ``CLIENT UNBLOCK`` so the next read includes it (where CLIENT is not allowe
 by the next read, at most ``block_ms`` later). A shard's task ends when its last subscriber leaves
 and restarts on demand.
 
+On a Redis Cluster one XREAD may only name streams of one slot: a shard holds streams of one hash
+tag (``schemas.keys``), reads through the cluster client (no CLIENT UNBLOCK; new waits start within
+``block_ms``).
+
 Subscribers see ``(entry_id, fields)`` tuples in order, or an exception the shard hit (anything but
 a connection error, which the shard retries with backoff while waiters keep their own timeouts).
 """
@@ -27,6 +31,9 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from schemas.keys import tag_of
+from schemas.topology import is_cluster
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +58,7 @@ class Subscription:
 @dataclass(eq=False, slots=True)
 class _Shard:
     subscriptions: dict[str, list[Subscription]] = field(default_factory=dict)  # stream -> subscribers
+    tag: str | None = None  # hash tag of every stream in this shard (one slot per XREAD on a cluster)
     task: asyncio.Task | None = None
     client_id: int | None = None  # of the shard's own connection, for CLIENT UNBLOCK
     is_reading: bool = False  # an XREAD is in flight
@@ -63,16 +71,18 @@ class EventRouter:
         self.block_ms = block_ms
         self.max_streams_per_read = max_streams_per_read
         self._shards: list[_Shard] = []
-        self._can_unblock = True
+        self._is_cluster = is_cluster(redis)
+        self._can_unblock = not self._is_cluster
         self._wake_tasks: set[asyncio.Task] = set()
 
     def subscribe(self, stream: str, *, from_id: bytes = b"0-0") -> Subscription:
         send, receive = anyio.create_memory_object_stream[Any](max_buffer_size=math.inf)
         subscription = Subscription(stream, from_id, send, receive)
+        tag = tag_of(stream)
         shard = next((s for s in self._shards if stream in s.subscriptions), None) or next(
-            (s for s in self._shards if len(s.subscriptions) < self.max_streams_per_read), None)
+            (s for s in self._shards if len(s.subscriptions) < self.max_streams_per_read and s.tag == tag), None)
         if shard is None:
-            shard = _Shard()
+            shard = _Shard(tag=tag)
             self._shards.append(shard)
         is_new_stream = stream not in shard.subscriptions
         shard.subscriptions.setdefault(stream, []).append(subscription)
@@ -128,11 +138,12 @@ class EventRouter:
 
     async def _read(self, shard: _Shard) -> None:
         delay_s = 0.05
-        connection = self.redis.client()  # holds one connection of the pool while the shard lives
+        # holds one connection of the pool while the shard lives; a cluster routes each XREAD by slot
+        connection = self.redis if self._is_cluster else self.redis.client()
         try:
             while shard.subscriptions:
                 try:
-                    if shard.client_id is None:
+                    if shard.client_id is None and not self._is_cluster:
                         shard.client_id = await connection.client_id()
                     streams = {stream: min((s.last_id for s in subs), key=entry_id_key)
                                for stream, subs in shard.subscriptions.items()}
@@ -164,9 +175,10 @@ class EventRouter:
             shard.client_id = None
             if not shard.subscriptions and shard in self._shards:
                 self._shards.remove(shard)
-            with anyio.CancelScope(shield=True):
-                with contextlib.suppress(Exception):
-                    await connection.aclose()
+            if connection is not self.redis:
+                with anyio.CancelScope(shield=True):
+                    with contextlib.suppress(Exception):
+                        await connection.aclose()
 
     @staticmethod
     def _deliver(subscription: Subscription, entries: list[tuple[bytes, dict]]) -> None:

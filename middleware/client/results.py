@@ -27,7 +27,7 @@ from schemas import (
     SchemaError,
     decode,
 )
-from schemas.messages import terminal_event_kind
+from schemas.messages import FAILED_STATUSES, terminal_event_kind
 from schemas.tenancy import caller_request_id
 
 if TYPE_CHECKING:
@@ -87,10 +87,8 @@ class ResultWaiting:
                     result = event.result
         if result is None:  # a terminal event without its result: only a foreign writer does this
             raise RequestLost(f"request {request_id} ended without a result")
-        if raise_on_error and result.status == ResultStatus.CANCELLED:
-            raise RequestCancelled(result)
-        if raise_on_error and result.status == ResultStatus.ERROR:
-            raise RequestFailed(result)
+        if raise_on_error and result.status in FAILED_STATUSES:
+            raise RequestCancelled(result) if result.status == ResultStatus.CANCELLED else RequestFailed(result)
         return result
 
     async def events(self, request_id: str, *, timeout_s: float | None = None) -> AsyncIterator[Event]:
@@ -203,10 +201,19 @@ class ResultWaiting:
 
     async def _poll_results(self, request_ids: list[str]) -> tuple[list[bytes | None], list[float | None]]:
         wire_ids = [self.wire_id(request_id) for request_id in request_ids]
-        async with self._redis.pipeline(transaction=True) as pipe:  # one snapshot: answered XOR pending
-            pipe.mget([self.keys.result(wire_id) for wire_id in wire_ids])
-            pipe.zmscore(self.keys.pending_requests, wire_ids)
-            datas, scores = await pipe.execute()
+        by_shard: dict[int, list[int]] = {}  # one snapshot per shard (one slot on a cluster)
+        for i, wire_id in enumerate(wire_ids):
+            by_shard.setdefault(self.keys.shard_of(wire_id), []).append(i)
+        datas: list[bytes | None] = [None] * len(wire_ids)
+        scores: list[float | None] = [None] * len(wire_ids)
+        for shard, indices in by_shard.items():
+            ids = [wire_ids[i] for i in indices]
+            async with self._redis.pipeline(transaction=True) as pipe:  # answered XOR pending
+                pipe.mget([self.keys.result(wire_id) for wire_id in ids])
+                pipe.zmscore(self.keys.for_shard(shard).pending_requests, ids)
+                shard_datas, shard_scores = await pipe.execute()
+            for i, data, score in zip(indices, shard_datas, shard_scores):
+                datas[i], scores[i] = data, score
         return datas, scores
 
     async def request_state(self, request_id: str) -> RequestState:
@@ -217,7 +224,7 @@ class ResultWaiting:
         """One MULTI snapshot of the keys that say where the request is."""
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.exists(self.keys.result(wire_id))
-            pipe.zscore(self.keys.pending_requests, wire_id)
+            pipe.zscore(self.keys.for_request(wire_id).pending_requests, wire_id)
             has_result, pending_score = await pipe.execute()
         if has_result:
             return RequestState.ANSWERED

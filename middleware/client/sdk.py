@@ -36,6 +36,7 @@ from redis.exceptions import NoScriptError
 
 from middleware.client.admission import (
     CANCEL_LUA,
+    QUEUED_SUBMIT_STATUSES,
     SUBMIT_LUA,
     CancelOutcome,
     SubmitStatus,
@@ -58,7 +59,9 @@ from schemas import (
     encode,
     now_ms,
 )
+from schemas.lifecycle import read_heartbeats
 from schemas.tenancy import request_fingerprint, scoped_request_id
+from schemas.topology import WAIT_TIMEOUT_MS, check_min_replicas, check_replicas, eval_replicated, is_cluster
 from schemas.transport import REDIS_ERRORS, connect
 
 __all__ = ["Client", "Quota"]
@@ -100,6 +103,8 @@ class Client(ResultWaiting):
         idempotency_ttl_s: int = DEFAULT_IDEMPOTENCY_TTL_S,
         default_budget: int = 16,
         quota: Quota | None = None,
+        num_shards: int = 1,
+        min_replicas: int = 0,
     ) -> None:
         if isinstance(redis, str):
             self._redis = connect(redis, max_connections=max_connections, blocking_pool=True,
@@ -109,7 +114,10 @@ class Client(ResultWaiting):
             self._redis = redis
             self._owns_redis = False
         self.tenant = _checked_tenant(tenant)
-        self.keys = Keys(namespace)
+        # S shards (ALIGNQ_SHARDS): the same in every process of a deployment (docs/scaling.md)
+        self.keys = Keys.sharded(namespace, num_shards, cluster=is_cluster(self._redis))
+        self.min_replicas = min_replicas  # WAIT after each submit (ALIGNQ_REDIS_MIN_REPLICAS)
+        check_min_replicas(self._redis, min_replicas)
         self.max_pending = max_pending
         self.poll_interval_s = poll_interval_s
         self.reconnect_timeout_s = reconnect_timeout_s
@@ -167,8 +175,9 @@ class Client(ResultWaiting):
         self._check_scope(request)
         await self._check_routes([request])
         args = self._submit_args(request, self._encode(request))
-        reply = await self._with_reconnect(
-            lambda: self._submit_script(keys=self._submit_keys(request), args=args))
+        reply = await self._with_reconnect(lambda: eval_replicated(
+            self._redis, self._submit_script, keys=self._submit_keys(request), args=args,
+            min_replicas=self.min_replicas))
         self._check_submit_reply(reply, request)
         return self.caller_id(request.request_id)
 
@@ -214,7 +223,11 @@ class Client(ResultWaiting):
             for request, payload in chunk:
                 keys = self._submit_keys(request)
                 pipe.evalsha(sha, len(keys), *keys, *self._submit_args(request, payload))
+            if self.min_replicas > 0:  # same connection: WAIT covers every script of the chunk
+                pipe.execute_command("WAIT", self.min_replicas, WAIT_TIMEOUT_MS)
             replies = await pipe.execute(raise_on_error=False)
+        if self.min_replicas > 0 and not isinstance(replies[-1], Exception):
+            check_replicas(int(replies.pop()), self.min_replicas)  # short: retried, accepted ones are duplicates
         if any(isinstance(reply, NoScriptError) for reply in replies):  # SCRIPT FLUSH or a Redis restart
             sha = await self._load_script()
             return await self._submit_chunk(sha, chunk)  # idempotent: accepted items are duplicates now
@@ -229,19 +242,27 @@ class Client(ResultWaiting):
 
     def _submit_keys(self, request: AlignRequest) -> list[str]:
         rid, tenant = request.request_id, request.tenant or ""
-        return [self.keys.pending_requests, self.keys.requests, self.keys.request_claim(rid),
-                self.keys.fingerprint(rid), self.keys.quota_rate(tenant, int(time.time() // 60)),
-                self.keys.quota_samples(tenant)]
+        keys = self.keys.for_request(rid)  # the request's shard: one hash slot for the whole script
+        return [keys.pending_requests, keys.requests, keys.request_claim(rid),
+                keys.fingerprint(rid), keys.quota_rate(tenant, int(time.time() // 60)),
+                keys.quota_samples(tenant)]
 
     def _submit_args(self, request: AlignRequest, payload: bytes) -> list[Any]:
         seconds_left = 60 - int(time.time()) % 60
-        return [self.max_pending, request.request_id, now_ms(), payload,
+        # Backpressure and quotas are counted per shard: each shard admits its 1/S share of the limits.
+        return [self._per_shard(self.max_pending), request.request_id, now_ms(), payload,
                 request_fingerprint(request.model_dump(mode="json")), self.idempotency_ttl_s,
-                self.quota.max_requests_per_minute, self.quota.max_samples_in_flight,
+                self._per_shard(self.quota.max_requests_per_minute),
+                self._per_shard(self.quota.max_samples_in_flight),
                 request.budget or self.default_budget, seconds_left]
+
+    def _per_shard(self, limit: int) -> int:
+        return -(-limit // self.keys.num_shards) if limit > 0 else 0
 
     def _check_submit_reply(self, reply: Sequence[Any], request: AlignRequest) -> None:
         status, num_pending, detail = (int(value) for value in reply)
+        if status in QUEUED_SUBMIT_STATUSES:
+            return
         caller_id = self.caller_id(request.request_id)
         if status == SubmitStatus.CONFLICT:
             raise Conflict(f"request_id {caller_id!r} was already used for a different request "
@@ -307,10 +328,10 @@ class Client(ResultWaiting):
         rid = self.wire_id(request_id)
         result = AlignResult(request_id=rid, status=ResultStatus.CANCELLED, stats={"cancelled_at_ms": now_ms()})
         event = Event(request_id=rid, kind=EventKind.CANCELLED, result=result, data={"reason": reason[:200]})
-        tenant = self.tenant or ""
-        keys = [self.keys.request_claim(rid), self.keys.result(rid), self.keys.events(rid),
-                self.keys.pending_requests, self.keys.kept_samples(rid), self.keys.cancelled(rid),
-                self.keys.quota_samples(tenant)]
+        tenant, shard = self.tenant or "", self.keys.for_request(rid)
+        keys = [shard.request_claim(rid), shard.result(rid), shard.events(rid),
+                shard.pending_requests, shard.kept_samples(rid), shard.cancelled(rid),
+                shard.quota_samples(tenant)]
         args = [rid, encode(result), encode(event), self.idempotency_ttl_s]
         outcome = await self._with_reconnect(lambda: self._cancel_script(keys=keys, args=args))
         return CancelOutcome(int(outcome))
@@ -331,6 +352,11 @@ class Client(ResultWaiting):
                 logger.warning("redis connection error, retrying in %.2f s: %s", delay_s, e)
                 await anyio.sleep(delay_s)
                 delay_s = min(1.0, delay_s * 2)
+
+    # -- deployment ---------------------------------------------------------------------------------
+    async def heartbeats(self, role: str) -> list[dict[str, Any]]:
+        """The parsed heartbeats of every live ``role`` process (``worker``, ``scheduler``, ``gateway``)."""
+        return await self._with_reconnect(lambda: read_heartbeats(self._redis, self.keys, role))
 
     # -- conveniences -----------------------------------------------------------------------------
     async def stream(self, prompt: Any, *, timeout_s: float | None = None, **fields: Any) -> AsyncIterator[Event]:

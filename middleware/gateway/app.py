@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from middleware.client import Client
 from middleware.errors import GatewayError, UsageError
+from middleware.gateway.contract import allowed_methods, openapi_document
 from middleware.gateway.http import BodyLimitMiddleware, HttpMetricsMiddleware, error_responses
 from middleware.gateway.routes import router
 from middleware.gateway.tenants import TenantDirectory
@@ -39,6 +40,7 @@ from middleware.metrics import CONTENT_TYPE, Telemetry, count_live, render_metri
 from middleware.settings import GatewaySettings
 from schemas import Keys
 from schemas.lifecycle import write_heartbeat
+from schemas.topology import deployment_keys
 from schemas.transport import connect
 
 logger = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ HEARTBEAT_ROLE = "gateway"
 
 def create_app(settings: GatewaySettings, *, redis: aioredis.Redis | None = None) -> FastAPI:
     """The gateway app. ``redis`` (optional) is used instead of connecting to ``settings.redis_url``."""
-    keys = Keys(settings.namespace)
+    keys = deployment_keys(settings.namespace, settings.shards, settings.redis_url)
     gateway_id = f"gw-{uuid.uuid4().hex[:8]}"
 
     @asynccontextmanager
@@ -57,7 +59,8 @@ def create_app(settings: GatewaySettings, *, redis: aioredis.Redis | None = None
         connection = redis or connect(settings.redis_url or "redis://127.0.0.1:6379/0", max_connections=128,
                                       blocking_pool=True)
         app.state.client = Client(connection, namespace=settings.namespace, max_pending=settings.max_pending,
-                                  default_budget=settings.default_budget)
+                                  default_budget=settings.default_budget, num_shards=settings.shards,
+                                  min_replicas=settings.redis_min_replicas)
         app.state.telemetry = Telemetry(connection, keys)
         app.state.redis = connection
         async with anyio.create_task_group() as tg:
@@ -85,6 +88,7 @@ def create_app(settings: GatewaySettings, *, redis: aioredis.Redis | None = None
     _add_error_handlers(app)
     app.include_router(router)
     _add_probes(app, keys)
+    app.openapi = lambda: openapi_document(app)  # type: ignore[method-assign]
     return app
 
 
@@ -104,12 +108,24 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         gateway_error = GatewayError(error.status_code, str(error.detail), code=f"http_{error.status_code}")
-        headers = {**gateway_error.headers, **(error.headers or {})}  # 405 carries Allow
+        headers = {**gateway_error.headers, **(error.headers or {})}
+        if error.status_code == 405:  # every method of the path, not only the first route's
+            headers["Allow"] = ", ".join(allowed_methods(request.app, request.scope))
         return JSONResponse(gateway_error.body(), status_code=error.status_code, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("unexpected error on %s %s", request.method, request.url.path)
+        gateway_error = GatewayError(500, "internal error", type="server_error", code="internal")
+        return JSONResponse(gateway_error.body(), status_code=500, headers=gateway_error.headers)
 
 
 def _add_probes(app: FastAPI, keys: Keys) -> None:
-    @app.get("/healthz", responses={503: {"description": "Redis unreachable"}})
+    @app.get("/healthz", responses={
+        200: {"description": "status ok (schedulers and workers live) or degraded; live counts, pending requests",
+              "content": {"application/json": {"schema": {"type": "object"}}}},
+        503: {"description": "Redis unreachable: {status: down, redis}",
+              "content": {"application/json": {"schema": {"type": "object"}}}}})
     async def healthz(request: Request) -> JSONResponse:
         connection: aioredis.Redis = request.app.state.redis
         try:
@@ -117,7 +133,8 @@ def _add_probes(app: FastAPI, keys: Keys) -> None:
                 await connection.ping()
                 live = {f"{role}s": await count_live(connection, keys, role)
                         for role in ("scheduler", "worker", "gateway")}
-                num_pending = await connection.zcard(keys.pending_requests)
+                num_pending = sum([await connection.zcard(keys.for_shard(shard).pending_requests)
+                                   for shard in keys.shards])
         except (TimeoutError, OSError, aioredis.RedisError) as e:
             return JSONResponse({"status": "down", "redis": f"unreachable: {e}"}, status_code=503)
         is_serving = live["schedulers"] > 0 and live["workers"] > 0
@@ -126,7 +143,8 @@ def _add_probes(app: FastAPI, keys: Keys) -> None:
 
     @app.get("/metrics", response_class=Response, responses={
         200: {"content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}},
-              "description": "Prometheus text exposition"}, **error_responses(503)})
+              "description": "Prometheus text exposition (version 0.0.4)"},
+        **error_responses(503)})
     async def metrics(request: Request) -> Response:
         telemetry: Telemetry = request.app.state.telemetry
         try:

@@ -66,6 +66,13 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorBody, "description": _STATUS_TEXT[status]} for status in statuses}
 
 
+def success_response(description: str, *media_types: str) -> dict[str, Any]:
+    """An OpenAPI response answered in any of ``media_types`` (JSON as an object, the others as text)."""
+    content = {media_type: {"schema": {"type": "object"} if media_type == "application/json" else {"type": "string"}}
+               for media_type in media_types}
+    return {"description": description, "content": content}
+
+
 def error_from_client(error: ClientError) -> GatewayError:
     if isinstance(error, BadRequest):
         return GatewayError(400, str(error), code="bad_request")

@@ -1,10 +1,7 @@
-"""OpenAI-compatible request bodies and response shapes for the gateway (pure: no I/O).
+"""OpenAI-compatible response shapes for the gateway: completions, stream chunks (pure: no I/O).
 
-Chat and text completions map onto one AlignRequest. alignq's own knobs are extra body fields
-(``budget``, ``method``, ``priority``, ``deadline_ms``, ``seed``, ``metadata``, ``request_id``);
-``n`` keeps OpenAI's meaning: the number of choices, here the top-n distinct samples by reward.
-Fields OpenAI defines that alignq cannot honour (``stop``, penalties, ``logprobs``, tools...) are
-accepted and ignored, so existing clients work unchanged.
+The request bodies are in ``middleware.gateway.bodies``; chat and text completions map onto one
+AlignRequest, and ``n`` choices are the top-n distinct samples by reward.
 
 Token counts in ``usage``: ``completion_tokens`` counts every token generated for the request (all
 samples, as OpenAI's legacy ``best_of`` did), because that is what the request cost.
@@ -18,123 +15,13 @@ import json
 import math
 import re
 import time
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from middleware.gateway.bodies import AlignqFields
+from schemas import AlignRequest, AlignResult, Event, ResultStatus, Sample
 
-from schemas import AlignRequest, AlignResult, Event, Method, ResultStatus, Sample
-
-MAX_CHOICES = 64
-MAX_BATCH_ITEMS = 10_000
 CHARS_PER_TOKEN = 4
 TOKENS_PER_MESSAGE = 3
-#: ``model`` values that mean "the deployment's default model" (OpenAI clients must send something).
-DEFAULT_MODEL_ALIASES = frozenset({"", "alignq", "default"})
-
-
-class AlignqFields(BaseModel):
-    """alignq's extra body fields, shared by both completion endpoints."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str = "alignq"
-    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = None
-    top_p: float | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    budget: int | None = None
-    method: Method | None = None
-    priority: int | None = None
-    deadline_ms: int | None = None
-    metadata: dict[str, Any] | None = None
-    request_id: str | None = None
-    #: how progress shows in a stream: chunks with empty ``choices`` and an ``alignq`` field
-    #: (default), SSE comments (invisible to strict clients), or nothing.
-    alignq_progress: Literal["chunks", "comments", "none"] = "chunks"
-
-    def request_fields(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {
-            "budget": self.budget, "method": self.method, "priority": self.priority, "deadline_ms": self.deadline_ms,
-            "seed": self.seed, "max_new_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-            "metadata": self.metadata, "request_id": self.request_id,
-            "model": None if self.model in DEFAULT_MODEL_ALIASES else self.model,
-        }
-        return {key: value for key, value in fields.items() if value is not None}
-
-    @property
-    def include_usage_chunk(self) -> bool:
-        return bool(self.stream_options and self.stream_options.get("include_usage"))
-
-
-class BatchBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    requests: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_BATCH_ITEMS)
-    defaults: dict[str, Any] = Field(default_factory=dict)  # AlignRequest fields applied to every item
-    timeout_s: float | None = Field(default=None, gt=0)
-
-
-class ChatMessageBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatCompletionBody(AlignqFields):
-    messages: list[ChatMessageBody] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-
-    def prompt(self) -> list[dict[str, str]]:
-        return [{"role": _role(m.role), "content": _text(m.content)} for m in self.messages]
-
-    def request_fields(self) -> dict[str, Any]:
-        fields = super().request_fields()
-        if self.max_completion_tokens is not None:
-            fields["max_new_tokens"] = self.max_completion_tokens
-        return fields
-
-
-class CompletionBody(AlignqFields):
-    prompt: str | list[str]
-    best_of: int | None = Field(default=None, ge=1)  # OpenAI's server-side candidates: our budget
-
-    def text_prompt(self) -> str:
-        if isinstance(self.prompt, str):
-            return self.prompt
-        if len(self.prompt) != 1:
-            raise ValueError("prompt: send one prompt per call (use POST /v1/align/batch for many)")
-        return self.prompt[0]
-
-    def request_fields(self) -> dict[str, Any]:
-        fields = super().request_fields()
-        if self.budget is None and self.best_of is not None:
-            fields["budget"] = self.best_of
-        return fields
-
-
-def _role(role: str) -> str:
-    if role in ("system", "user", "assistant"):
-        return role
-    if role == "developer":
-        return "system"
-    raise ValueError(f"messages: role {role!r} is not supported (system, developer, user, assistant)")
-
-
-def _text(content: str | list[dict[str, Any]] | None) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    parts = []
-    for part in content:
-        if part.get("type") != "text" or not isinstance(part.get("text"), str):
-            raise ValueError(f"messages: content part of type {part.get('type')!r} is not supported (text only)")
-        parts.append(part["text"])
-    return "".join(parts)
 
 
 # -- responses ------------------------------------------------------------------------------------

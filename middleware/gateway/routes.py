@@ -16,29 +16,26 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from middleware.client import CancelOutcome, Client, RequestState
 from middleware.client.models import served_models
 from middleware.errors import BadRequest, ClientError, GatewayError, Overloaded, RequestLost, ResultTimeout
-from middleware.gateway.http import error_from_client, error_from_result, error_responses
+from middleware.gateway.bodies import AlignqFields, BatchBody, ChatCompletionBody, CompletionBody
+from middleware.gateway.http import error_from_client, error_from_result, error_responses, success_response
 from middleware.gateway.openai_shapes import (
     SSE_DONE,
     SSE_KEEPALIVE,
-    AlignqFields,
-    BatchBody,
-    ChatCompletionBody,
     ChunkWriter,
-    CompletionBody,
     completion_response,
     sse_data,
 )
 from middleware.gateway.tenants import Tenant
-from schemas import AlignRequest, ResultStatus
+from schemas import FAILED_STATUSES, AlignRequest, ResultStatus
 
 __all__ = ["router"]
 
@@ -60,26 +57,23 @@ def tenant_client(request: Request, tenant: Tenant = Depends(caller_tenant)) -> 
 
 
 router = APIRouter()
-COMPLETION_ERRORS = error_responses(400, 401, 404, 409, 429, 500, 503, 504)
+#: the caller's id of a request: letters, digits and _ . : - (1-128); anything else is a 400
+RequestIdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+COMPLETION_RESPONSES = {
+    200: success_response("The completion (JSON), or with stream=true server-sent events ending in [DONE]",
+                          "application/json", "text/event-stream"),
+    **error_responses(400, 401, 404, 409, 413, 429, 499, 500, 502, 503, 504)}
 
 
-@router.post("/v1/chat/completions", responses=COMPLETION_ERRORS)
+@router.post("/v1/chat/completions", responses=COMPLETION_RESPONSES)
 async def chat_completions(body: ChatCompletionBody, request: Request,
                            client: Client = Depends(tenant_client)) -> Response:
-    try:
-        prompt = body.prompt()
-    except ValueError as e:
-        raise GatewayError(400, str(e), code="bad_request", param="messages") from e
-    return await _complete(request, client, body, prompt, chat=True)
+    return await _complete(request, client, body, body.prompt(), chat=True)
 
 
-@router.post("/v1/completions", responses=COMPLETION_ERRORS)
+@router.post("/v1/completions", responses=COMPLETION_RESPONSES)
 async def completions(body: CompletionBody, request: Request, client: Client = Depends(tenant_client)) -> Response:
-    try:
-        prompt = body.text_prompt()
-    except ValueError as e:
-        raise GatewayError(400, str(e), code="bad_request", param="prompt") from e
-    return await _complete(request, client, body, prompt, chat=False)
+    return await _complete(request, client, body, body.text_prompt(), chat=False)
 
 
 @router.get("/v1/models", responses=error_responses(401, 503), dependencies=[Depends(caller_tenant)])
@@ -96,12 +90,14 @@ async def models(request: Request) -> JSONResponse:
     return JSONResponse({"object": "list", "data": data})
 
 
-@router.post("/v1/align/batch", responses=error_responses(400, 401, 404, 409, 429, 503),
-             response_class=StreamingResponse)
+@router.post("/v1/align/batch", response_class=StreamingResponse, responses={
+    200: success_response("One JSON line per item as it finishes: {index, request_id, result} or {index, error}",
+                          "application/x-ndjson"),
+    **error_responses(400, 401, 404, 409, 413, 429, 503)})
 async def align_batch(body: BatchBody, request: Request, client: Client = Depends(tenant_client)) -> StreamingResponse:
     settings = request.app.state.settings
     try:
-        requests = [_batch_request(client, index, item, body.defaults) for index, item in enumerate(body.requests)]
+        requests = [_batch_request(client, index, body) for index in range(len(body.requests))]
     except BadRequest as e:
         raise GatewayError(400, str(e), code="bad_request", param="requests") from e
     rejected: list[tuple[int, GatewayError]] = []
@@ -121,9 +117,13 @@ async def align_batch(body: BatchBody, request: Request, client: Client = Depend
                              media_type="application/x-ndjson", headers={"X-Accel-Buffering": "no"})
 
 
-@router.get("/v1/align/{request_id}", responses={202: {"description": "Still pending"},
-                                                 **error_responses(401, 404, 503)})
-async def get_result(request_id: str, request: Request, wait_s: float = 0.0,
+@router.get("/v1/align/{request_id}", responses={
+    200: success_response("The AlignResult", "application/json"),
+    202: success_response("Still pending: {request_id, status: pending}", "application/json"),
+    **error_responses(400, 401, 404, 503)})
+async def get_result(request_id: RequestIdPath, request: Request,
+                     wait_s: Annotated[float, Query(ge=0, description="wait up to this long (capped by the "
+                                                                          "gateway's request_timeout_s)")] = 0.0,
                      client: Client = Depends(tenant_client)) -> Response:
     settings = request.app.state.settings
     try:
@@ -146,8 +146,10 @@ async def get_result(request_id: str, request: Request, wait_s: float = 0.0,
     return JSONResponse(result.model_dump(mode="json"))
 
 
-@router.delete("/v1/align/{request_id}", responses=error_responses(401, 404, 503))
-async def cancel(request_id: str, client: Client = Depends(tenant_client)) -> JSONResponse:
+@router.delete("/v1/align/{request_id}", responses={
+    200: success_response("{request_id, cancelled, status}", "application/json"),
+    **error_responses(400, 401, 404, 503)})
+async def cancel(request_id: RequestIdPath, client: Client = Depends(tenant_client)) -> JSONResponse:
     """Cancel a pending request; a no-op that says so for an answered one (its status is returned)."""
     try:
         outcome = await client.cancel(request_id, reason="cancelled through the gateway")
@@ -211,10 +213,8 @@ async def _cancel_quietly(client: Client, request_id: str) -> None:
             logger.warning("could not cancel request_id=%s after a disconnect: %s", request_id, e)
 
 
-def _batch_request(client: Client, index: int, item: dict[str, Any], defaults: dict[str, Any]) -> AlignRequest:
-    fields = {**defaults, **item}
-    if "prompt" not in fields:
-        raise BadRequest(f"requests[{index}]: prompt is required")
+def _batch_request(client: Client, index: int, body: BatchBody) -> AlignRequest:
+    fields = body.item_fields(index)
     try:
         return client.build_request(fields.pop("prompt"), **fields)
     except BadRequest as e:
@@ -255,7 +255,7 @@ async def _sse(client: Client, request_id: str, writer: ChunkWriter, timeout_s: 
                 continue
             is_answered = True
             result = event.result
-            if result is None or result.status in (ResultStatus.ERROR, ResultStatus.CANCELLED):
+            if result is None or result.status in FAILED_STATUSES:
                 error = (GatewayError(409, f"request {request_id} was cancelled", code="cancelled")
                          if result is not None and result.status == ResultStatus.CANCELLED
                          else error_from_result(result) if result

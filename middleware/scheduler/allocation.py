@@ -18,6 +18,11 @@ Allocators (``ALLOCATORS``):
     adabon           the recommended default, chosen by ``alignq bench allocation`` (see README):
                      adabon-eb, with cap_factor 1.25 on continuous rewards unless one is given
 
+A ``prior`` (``middleware.scheduler.prior.WindowPrior``: each prompt's predicted spread and mean, or
+success rate, learned from past traffic) replaces the window's own prior in ``adabon-eb``/``adabon``:
+the scale shrinks toward the predicted one, the mean toward the predicted mean, and 0/1 rewards start
+from the predicted Beta. With it, fewer explore samples suffice (a smaller ``explore_fraction``).
+
 Options for every adaptive allocator: ``floor_fraction`` (each prompt gets at least this share of its
 own remaining budget), ``cap_factor`` (no prompt ends with more than cap_factor · B_i samples).
 """
@@ -27,6 +32,7 @@ from __future__ import annotations
 import heapq
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -46,6 +52,9 @@ from middleware.scheduler.value_vectors import (
 __all__ = ["ALLOCATORS", "BernoulliGains", "EmpiricalGains", "KdeMonteCarloGains", "MixtureGains", "allocate",
            "greedy_allocate", "is_bernoulli", "kde_bandwidth", "normal_cdf", "num_explore_samples", "plan_window",
            "value_vector"]
+
+if TYPE_CHECKING:
+    from middleware.scheduler.prior import WindowPrior
 
 logger = logging.getLogger(__name__)
 
@@ -237,11 +246,14 @@ def _shape_cdf(residuals: np.ndarray) -> tuple[Callable[[np.ndarray], np.ndarray
     return (lambda z: np.interp(z, table_x, table_cdf, left=0.0, right=1.0)), upper
 
 
-def _eb_gains(stats: WindowStats) -> GainFn:
+def _eb_gains(stats: WindowStats, prior: WindowPrior | None = None) -> GainFn:
     if stats.is_bernoulli:
         successes = np.where(stats.mask, stats.values, 0.0).sum(axis=1)
         trials = stats.sizes.astype(np.float64)
-        alpha0, beta0 = _beta_prior(successes, trials)
+        if prior is not None and prior.alpha is not None and prior.beta is not None:
+            alpha0, beta0 = prior.alpha, prior.beta  # predicted per prompt, from past traffic
+        else:
+            alpha0, beta0 = _beta_prior(successes, trials)
         return BernoulliGains(alpha0 + successes, beta0 + trials - successes, successes > 0)
     floor, sizes, means, stds = stats.bandwidth_floor, stats.sizes, stats.means, stats.stds
     spread = (sizes > 1) & (stds > floor)
@@ -263,13 +275,26 @@ def _eb_gains(stats: WindowStats) -> GainFn:
         centre, between = float(log_var[spread].mean()), 0.0
     else:
         centre, between = float(np.log(max(float(stats.pooled.std()), floor) ** 2)), 0.0
+    if prior is not None and prior.log_var_mean is not None and prior.log_var_var is not None:
+        # the predicted log σ² (from past traffic) is the centre, its predictive variance the between-prompt part
+        weight = np.where(sizes > 1, prior.log_var_var / (prior.log_var_var + noise), 0.0)
+        scale = np.exp(0.5 * (prior.log_var_mean + weight * (log_var - prior.log_var_mean)))
+        if prior.loc_mean is not None and prior.loc_var is not None:
+            own_var = scale**2 / np.maximum(sizes, 1)  # variance of a prompt's explore mean
+            loc_weight = np.where(sizes > 0, prior.loc_var / (prior.loc_var + own_var), 0.0)
+            means = prior.loc_mean + loc_weight * (means - prior.loc_mean)
+        return MixtureGains.from_shape(shape_cdf, shape_upper, means, scale, stats.best)
     weight = np.where(sizes > 1, between / (between + noise), 0.0)
     scale = np.exp(0.5 * (centre + weight * (log_var - centre)))
     return MixtureGains.from_shape(shape_cdf, shape_upper, means, scale, stats.best)
 
 
-def build_gains(stats: WindowStats, method: str, rng: np.random.Generator) -> GainFn:
-    """The marginal-gain function of an adaptive allocator (``method`` in ALLOCATORS, not uniform)."""
+def build_gains(stats: WindowStats, method: str, rng: np.random.Generator,
+                prior: WindowPrior | None = None) -> GainFn:
+    """The marginal-gain function of an adaptive allocator (``method`` in ALLOCATORS, not uniform).
+
+    ``prior`` is used by ``adabon-eb`` (and ``adabon``); the paper's and ``adabon-gauss`` ignore it.
+    """
     if method == "adabon":
         method = DEFAULT_ALLOCATOR
     if method in ("adabon-mc", "adabon-integral"):
@@ -277,7 +302,7 @@ def build_gains(stats: WindowStats, method: str, rng: np.random.Generator) -> Ga
     if method == "adabon-gauss":
         return _gauss_gains(stats)
     if method == "adabon-eb":
-        return _eb_gains(stats)
+        return _eb_gains(stats, prior)
     raise ValueError(f"unknown allocator {method!r}: choose one of {', '.join(ALLOCATORS)}")
 
 
@@ -286,7 +311,7 @@ def build_gains(stats: WindowStats, method: str, rng: np.random.Generator) -> Ga
 
 def allocate(explore: Sequence[Sequence[float]], remaining: Sequence[int], *, method: str = "adabon",
              seed: int | np.random.Generator = 0, floor_fraction: float = 0.0,
-             cap_factor: float | None = None) -> np.ndarray:
+             cap_factor: float | None = None, prior: WindowPrior | None = None) -> np.ndarray:
     """Stage-2 samples per prompt (array form of ``plan_window``): Σ a_i == Σ remaining_i."""
     if method not in ALLOCATORS:
         raise ValueError(f"unknown allocator {method!r}: choose one of {', '.join(ALLOCATORS)}")
@@ -312,7 +337,7 @@ def allocate(explore: Sequence[Sequence[float]], remaining: Sequence[int], *, me
     if cap_factor is not None:
         sizes = np.array([r.size for r in rewards])
         caps = np.maximum(np.floor(cap_factor * (sizes + left)).astype(np.int64) - sizes, floors)
-    return greedy_allocate(build_gains(stats, method, rng), len(rewards), total, floors=floors, caps=caps)
+    return greedy_allocate(build_gains(stats, method, rng, prior), len(rewards), total, floors=floors, caps=caps)
 
 
 def plan_window(explore_rewards: Mapping[str, Sequence[float]], budgets: Mapping[str, int], *,

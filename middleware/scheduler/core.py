@@ -23,7 +23,12 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import numpy as np
+
 from middleware.scheduler.allocation import num_explore_samples, plan_window
+from middleware.scheduler.deadline import RoundTimer, choose_explore_fraction
+from middleware.scheduler.prior import SpreadModel, WindowPrior, prompt_features, reward_kind, window_prior
+from middleware.scheduler.limits import check_limits
 from schemas import (
     AlignRequest,
     AlignResult,
@@ -38,6 +43,7 @@ from schemas import (
     Sample,
     SampleSet,
 )
+from schemas.keys import Lane
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +55,10 @@ class Stage(StrEnum):
     EXPLORING = "exploring"  # bon stage 1 jobs out
     EXPLOITING = "exploiting"  # bon stage 2 jobs out
     RUNNING = "running"  # uniform / aisp: its single job out
+
+
+#: Stages whose jobs are the request's last: answered once none is outstanding.
+FINAL_STAGES = frozenset({Stage.EXPLOITING, Stage.RUNNING})
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +76,9 @@ class CoreConfig:
     max_prompt_chars: int = 8_000
     max_window: int = 16
     window_ms: int = 50
+    spread_prior: bool = False  # learn each prompt's reward spread from answered windows; use it as the prior
+    prior_explore_fraction: float = 0.25  # explore fraction once a spread model is fitted
+    deadline_rounds: bool = True  # one round (uniform) when a window's deadline cannot fit two
 
     @classmethod
     def from_settings(cls, settings: Any, scheduler_id: str) -> CoreConfig:
@@ -157,6 +170,14 @@ class Window:
     opened_at_ms: int
     request_ids: list[str] = field(default_factory=list)
     is_planned: bool = False  # stage 2 allocated
+    launched_at_ms: int | None = None  # stage 1 jobs issued (for the round timer)
+
+
+def prompt_text(prompt: Any) -> str:
+    """A prompt's text: the string, or the chat messages' contents joined."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(str(getattr(m, "content", None) or (m.get("content", "") if isinstance(m, dict) else "")) for m in prompt)
 
 
 def request_seed(request: AlignRequest) -> int:
@@ -169,11 +190,6 @@ def request_seed(request: AlignRequest) -> int:
 
 def make_job_id(request_id: str, kind: JobKind, sample_offset: int) -> str:
     return f"{request_id}:{kind.value}:{sample_offset}"
-
-
-def prompt_chars(request: AlignRequest) -> int:
-    prompt = request.prompt
-    return len(prompt) if isinstance(prompt, str) else sum(len(m.content) for m in prompt)
 
 
 def rank_samples(samples: Iterable[Sample]) -> list[Sample]:
@@ -190,6 +206,8 @@ class SchedulerCore:
         self.windows: dict[int, Window] = {}
         self.forming: Window | None = None
         self._next_window_id = 0
+        self.spread = SpreadModel()  # synced with Redis by the service when config.spread_prior
+        self.round_timer = RoundTimer()
 
     # -- queries ----------------------------------------------------------------------------------
     @property
@@ -211,14 +229,7 @@ class SchedulerCore:
 
     def validate(self, request: AlignRequest) -> ErrorInfo | None:
         """Deployment limits beyond the wire format's (the schema already checked types and ranges)."""
-        if request.budget is not None and request.budget > self.config.max_budget:
-            return ErrorInfo(code=ErrorCode.BAD_REQUEST,
-                             message=f"budget {request.budget} > max_budget {self.config.max_budget}")
-        num_chars = prompt_chars(request)
-        if num_chars > self.config.max_prompt_chars:
-            return ErrorInfo(code=ErrorCode.BAD_REQUEST,
-                             message=f"prompt has {num_chars} characters > max_prompt_chars {self.config.max_prompt_chars}")
-        return None
+        return check_limits(request, max_budget=self.config.max_budget, max_prompt_chars=self.config.max_prompt_chars)
 
     # -- inputs -----------------------------------------------------------------------------------
     def admit(self, request: AlignRequest, *, entry_id: str | None, now_ms: int,
@@ -245,6 +256,10 @@ class SchedulerCore:
         if deadline_at_ms is not None and deadline_at_ms <= now_ms:
             return plan.extend(self._finish_past_deadline(state, now_ms))
         if request.method == Method.BON:
+            if self._forming_lane() not in (None, Lane.of(request.priority)):
+                # One priority lane per window: stage 2 waits for the whole window's exploration,
+                # so a high-priority request must not share a window with a backlog of low ones.
+                plan.extend(self._launch_forming(now_ms))
             if self.forming is None:
                 self.forming = self._open_window(now_ms)
             self.forming.request_ids.append(rid)
@@ -333,6 +348,12 @@ class SchedulerCore:
         return state
 
     # -- windows ----------------------------------------------------------------------------------
+    def _forming_lane(self) -> Lane | None:
+        """The priority lane of the forming window's requests (None: no window, or it emptied)."""
+        if self.forming is None or not self.forming.request_ids:
+            return None
+        return Lane.of(self.requests[self.forming.request_ids[0]].request.priority)
+
     def _open_window(self, now_ms: int) -> Window:
         self._next_window_id += 1
         return Window(window_id=self._next_window_id, opened_at_ms=now_ms)
@@ -344,12 +365,33 @@ class SchedulerCore:
         if window is None or not window.request_ids:
             return plan
         self.windows[window.window_id] = window
+        window.launched_at_ms = now_ms
         states = sorted((self.requests[rid] for rid in window.request_ids), key=lambda s: -s.request.priority)
+        explore_fraction = self._explore_fraction(states, now_ms)
         for state in states:
             state.stage = Stage.EXPLORING
-            state.num_explore = num_explore_samples(state.budget, self.config.explore_fraction)
+            state.num_explore = num_explore_samples(state.budget, explore_fraction)
             plan.jobs.extend(self._jobs_for(state, JobKind.EXPLORE, 0, state.num_explore, now_ms))
         return plan.extend(self._plan_if_explored(window, now_ms))
+
+    def _explore_fraction(self, states: list[RequestState], now_ms: int) -> float:
+        """The configured f, the smaller prior one once a spread model is fitted, 1.0 when a deadline allows one round."""
+        fraction = self.config.explore_fraction
+        if self.config.spread_prior and self.spread.has_fit:
+            fraction = self.config.prior_explore_fraction
+        time_left = [s.request.deadline_at_ms - now_ms for s in states if s.request.deadline_at_ms is not None]
+        if self.config.deadline_rounds and time_left:
+            fraction = choose_explore_fraction(max(s.budget for s in states), min(time_left), self.round_timer,
+                                               explore_fraction=fraction)
+        return fraction
+
+    def _window_prior(self, explore_rewards: dict[str, list[float]]) -> WindowPrior | None:
+        kind = reward_kind([r for rewards in explore_rewards.values() for r in rewards])
+        fit = self.spread.fit_for(kind)
+        if fit is None:
+            return None
+        features = np.stack([prompt_features(prompt_text(self.requests[rid].request.prompt)) for rid in explore_rewards])
+        return window_prior(fit, features, kind == "bernoulli")
 
     def _plan_if_explored(self, window: Window, now_ms: int) -> Plan:
         """Stage 2 once every live prompt of the window has its stage-1 replies."""
@@ -360,6 +402,9 @@ class SchedulerCore:
         if any(state.jobs for state in states):
             return plan
         window.is_planned = True
+        if window.launched_at_ms is not None and states:
+            per_prompt = sum(s.num_explore for s in states) / len(states)
+            self.round_timer.record(per_prompt, now_ms - window.launched_at_ms)
         explore_rewards: dict[str, list[float]] = {}
         budgets: dict[str, int] = {}
         for state in states:
@@ -399,7 +444,9 @@ class SchedulerCore:
         seed_text = ",".join(sorted(explore_rewards)).encode()
         seed = int.from_bytes(hashlib.blake2b(seed_text, digest_size=8).digest(), "big") & SEED_MASK
         try:
-            return plan_window(explore_rewards, budgets, method=self.config.allocator, seed=seed)
+            prior = self._window_prior(explore_rewards) if self.config.spread_prior else None
+            return plan_window(explore_rewards, budgets, method=self.config.allocator, seed=seed,
+                               prior=prior)  # type: ignore[arg-type]
         except ValueError as e:  # a bug or a bad allocator name: fall back to each prompt's own budget
             logger.error("allocation failed window_id=%d, using each prompt's remaining budget: %s",
                          window.window_id, e)
@@ -445,7 +492,7 @@ class SchedulerCore:
         if state.stage == Stage.EXPLORING and state.window_id is not None:
             window = self.windows.get(state.window_id)
             return self._plan_if_explored(window, now_ms) if window is not None else Plan()
-        if state.stage in (Stage.EXPLOITING, Stage.RUNNING) and not state.jobs:
+        if state.stage in FINAL_STAGES and not state.jobs:
             return self._answer(state, now_ms)
         if state.stage == Stage.RUNNING:
             return Plan(events=[Event(request_id=state.request_id, kind=EventKind.PROGRESS, at_ms=now_ms,
@@ -464,6 +511,8 @@ class SchedulerCore:
     def _answer(self, state: RequestState, now_ms: int, *, partial_error: ErrorInfo | None = None) -> Plan:
         """Final result for ``state``; forgets the request. ``partial_error``: answered at its deadline."""
         self.drop(state.request_id)
+        if self.config.spread_prior and state.request.method == Method.BON:
+            self.spread.observe(prompt_text(state.request.prompt), state.finite_rewards)
         ranked = rank_samples(state.samples.values())
         best = ranked[0] if ranked and math.isfinite(ranked[0].reward) else None
         request = state.request

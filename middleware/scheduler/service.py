@@ -14,6 +14,10 @@ set, store the result, XADD the terminal event and drop the request from the pen
 case XACK the request entry. A scheduler killed between publishing and acking leaves an entry that
 another scheduler reclaims, finds claimed, and acks: one result per request_id.
 
+Sharded (``ALIGNQ_SHARDS`` S > 1, or a cluster): ``serve_scheduler`` runs one ``Scheduler`` per shard it
+owns (``ALIGNQ_SHARD_IDS``, default all), on one connection, under the same scheduler id; each reads
+its shard's requests stream and samples stream, so every script and transaction stays in one slot.
+
 Shutdown (``stop`` set, e.g. by SIGTERM): intake and janitor stop; the forming window launches;
 in-flight requests get ``shutdown_grace_s`` to finish; the rest stay un-acked for another scheduler.
 """
@@ -24,6 +28,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, TypeVar
 
 import anyio
@@ -49,10 +54,19 @@ from schemas import (
     now_ms,
     salvage_request_id,
 )
-from schemas.keys import Lane
-from schemas.messages import terminal_event_kind
+from schemas.failover import PrimaryWatch
+from schemas.keys import Lane, parse_shard_ids
 from schemas.lifecycle import heartbeat_value, new_instance_id, stop_on_signals
-from schemas.transport import REDIS_ERRORS, StreamConsumer, StreamEntry, connect, dead_letter, retry_with_backoff
+from schemas.messages import terminal_event_kind
+from schemas.topology import NotReplicated, check_min_replicas, deployment_keys, eval_replicated
+from schemas.transport import (
+    REDIS_ERRORS,
+    StreamConsumer,
+    StreamEntry,
+    connect,
+    dead_letter,
+    retry_with_backoff,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -88,14 +102,19 @@ class Scheduler:
     """One scheduler process's service. ``await Scheduler(settings).run(stop=event)``."""
 
     def __init__(self, settings: SchedulerSettings, *, redis: aioredis.Redis | None = None,
-                 scheduler_id: str | None = None, telemetry: Telemetry | None = None) -> None:
+                 scheduler_id: str | None = None, telemetry: Telemetry | None = None,
+                 keys: Keys | None = None) -> None:
         if redis is None and not settings.redis_url:
             raise ValueError("SchedulerSettings.redis_url is required (ALIGNQ_REDIS_URL)")
         self.settings = settings
         self.scheduler_id = scheduler_id or settings.scheduler_id or new_instance_id("scheduler")
-        self.keys = Keys(settings.namespace)
         self.redis = redis if redis is not None else connect(settings.redis_url or "")
         self._owns_redis = redis is None
+        # ``keys``: pinned to the one shard this instance serves (serve_scheduler makes one per shard)
+        self.keys = keys or deployment_keys(settings.namespace, settings.shards, settings.redis_url).for_shard(
+            parse_shard_ids(settings.shard_ids, settings.shards)[0])
+        check_min_replicas(self.redis, settings.redis_min_replicas)
+        self._primary = PrimaryWatch(self.redis)
         self.core = SchedulerCore(CoreConfig.from_settings(settings, self.scheduler_id))
         self.requests = StreamConsumer(self.redis, self.keys.requests, SCHEDULER_GROUP, self.scheduler_id)
         self.telemetry = telemetry or Telemetry(self.redis, self.keys)
@@ -119,6 +138,8 @@ class Scheduler:
                 tg.start_soon(self._heartbeat_loop)
                 tg.start_soon(self._cancel_loop)
                 tg.start_soon(self.telemetry.run)
+                if self.settings.spread_prior:
+                    tg.start_soon(self._spread_loop)
                 if ready is not None:
                     ready.set()
                 await stop.wait()
@@ -227,6 +248,14 @@ class Scheduler:
             if plan:
                 await self._apply(plan)
 
+    async def _spread_loop(self) -> None:
+        """Share answered windows with the other schedulers' spread model and refit from the sum."""
+        from middleware.scheduler.prior_store import sync_spread_model
+
+        while True:
+            await self._retry("spread model", lambda: sync_spread_model(self.core.spread, self.redis, self.keys))
+            await anyio.sleep(self.settings.spread_sync_s)
+
     async def _heartbeat_loop(self) -> None:
         interval_s = self.settings.heartbeat_ms / 1000
         ttl_s = max(1, math.ceil(3 * interval_s))
@@ -235,6 +264,8 @@ class Scheduler:
             await anyio.sleep(interval_s)
 
     async def _beat(self, ttl_s: int) -> None:
+        if await self._primary.changed():
+            await self._forget_in_flight()
         state = heartbeat_value("scheduler", self.scheduler_id, in_flight=self.core.num_in_flight)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.set(self.keys.heartbeat("scheduler", self.scheduler_id), state, ex=ttl_s)
@@ -255,6 +286,20 @@ class Scheduler:
                 # Reclaimed by another scheduler (we stalled) or lost by Redis: it is not ours to answer.
                 logger.warning("lost the lease, dropping request_id=%s entry_id=%s", request_id, entry_id)
                 plan.extend(self.core.release(request_id, now_ms()))
+        if plan:
+            await self._apply(plan)
+
+    async def _forget_in_flight(self) -> None:
+        """A new primary (failover) may lack our latest jobs and replies: drop what we hold, re-read our own
+        pending requests and plan them again (kept samples are reused), as after a restart."""
+        request_ids = list(self.core.requests)
+        logger.warning("redis primary changed: re-reading %d in-flight requests scheduler_id=%s",
+                       len(request_ids), self.scheduler_id)
+        plan = Plan()
+        for request_id in request_ids:
+            if request_id in self.core.requests:
+                plan.extend(self.core.release(request_id, now_ms()))
+        self.requests.reread_own_pending()
         if plan:
             await self._apply(plan)
 
@@ -386,8 +431,19 @@ class Scheduler:
         args = [rid, encode(result), encode(event), self.settings.result_ttl_s, SCHEDULER_GROUP,
                 answer.entry_id or "", self.scheduler_id]
         answered = None
+        first_reply: list[Any] = []  # an attempt that answered but reached too few replicas (then retried)
+
+        async def attempt() -> Any:
+            try:
+                reply = await eval_replicated(self.redis, self._answer_script, keys=keys, args=args,
+                                              min_replicas=self.settings.redis_min_replicas)
+            except NotReplicated as e:
+                first_reply.append(getattr(e, "reply", None))
+                raise
+            return max([int(r) for r in first_reply if r is not None] + [int(reply)])
+
         with anyio.move_on_after(ANSWER_TIMEOUT_S, shield=True):
-            answered = await self._retry("answer", lambda: self._answer_script(keys=keys, args=args))
+            answered = await self._retry("answer", attempt)
         if answered is None:
             logger.error("could not publish the answer request_id=%s; its entry stays for reclaim", rid)
             return
@@ -404,12 +460,40 @@ async def serve_scheduler(settings: SchedulerSettings, *, stop: anyio.Event | No
                           ready: anyio.Event | None = None, scheduler_id: str | None = None) -> Scheduler:
     """Run a scheduler until ``stop``; SIGTERM and SIGINT also stop it when run in the main thread."""
     stop = stop or anyio.Event()
-    scheduler = Scheduler(settings, scheduler_id=scheduler_id)
     async with anyio.create_task_group() as tg:
         tg.start_soon(stop_on_signals, stop)
-        await scheduler.run(stop=stop, ready=ready)
+        scheduler = await run_schedulers(settings, stop=stop, ready=ready, scheduler_id=scheduler_id)
         tg.cancel_scope.cancel()
     return scheduler
+
+
+async def run_schedulers(settings: SchedulerSettings, *, stop: anyio.Event, ready: anyio.Event | None = None,
+                         scheduler_id: str | None = None) -> Scheduler:
+    """One Scheduler per shard this process serves (``ALIGNQ_SHARD_IDS``), on one connection; returns the first."""
+    shard_ids = parse_shard_ids(settings.shard_ids, settings.shards)
+    if len(shard_ids) == 1:
+        scheduler = Scheduler(settings, scheduler_id=scheduler_id)
+        await scheduler.run(stop=stop, ready=ready)
+        return scheduler
+    redis = connect(settings.redis_url or "")
+    keys = deployment_keys(settings.namespace, settings.shards, settings.redis_url)
+    scheduler_id = scheduler_id or settings.scheduler_id or new_instance_id("scheduler")
+    schedulers = [Scheduler(settings, redis=redis, scheduler_id=scheduler_id, keys=keys.for_shard(shard))
+                  for shard in shard_ids]
+    logger.info("scheduler serving shards=%s of %d scheduler_id=%s", shard_ids, settings.shards, scheduler_id)
+    try:
+        readies = [anyio.Event() for _ in schedulers]
+        async with anyio.create_task_group() as tg:
+            for scheduler, shard_ready in zip(schedulers, readies):
+                tg.start_soon(partial(scheduler.run, stop=stop, ready=shard_ready))
+            for shard_ready in readies:
+                await shard_ready.wait()
+            if ready is not None:
+                ready.set()
+    finally:
+        with anyio.move_on_after(3, shield=True):
+            await redis.aclose()
+    return schedulers[0]
 
 
 def run_scheduler(settings: SchedulerSettings) -> int:

@@ -32,6 +32,7 @@ from schemas import (
     AlignResult,
     DeadLetter,
     Event,
+    Keys,
     Method,
     ResultStatus,
     decode,
@@ -79,15 +80,16 @@ def pick_victim(fleet: Fleet, rng: random.Random, last_role: str | None) -> str 
     return rng.choice(candidates[rng.choice(roles)])
 
 
-def check_result(client: redis.Redis, request: AlignRequest, answered_logs: Counter[str]) -> list[str]:
+def check_result(client: redis.Redis, request: AlignRequest, answered_logs: Counter[str], *,
+                 keys: Keys = KEYS) -> list[str]:
     """Every way the exactly-once and no-duplicate-sample promises could be broken, for one request."""
     rid = request.request_id
     problems = []
-    data = client.get(KEYS.result(rid))
+    data = client.get(keys.result(rid))
     if data is None:
         return [f"{rid}: no result key"]
     result = decode(AlignResult, data)
-    events = [decode(Event, fields[PAYLOAD_FIELD]) for _, fields in client.xrange(KEYS.events(rid))]
+    events = [decode(Event, fields[PAYLOAD_FIELD]) for _, fields in client.xrange(keys.events(rid))]
     terminal = [event for event in events if event.is_terminal]
     if len(terminal) != 1:
         problems.append(f"{rid}: {len(terminal)} terminal events")

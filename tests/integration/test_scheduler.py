@@ -24,7 +24,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from middleware.cli.services import alignq_command
+from middleware.runtime.launcher import alignq_command
 from middleware.client import Client
 from middleware.runtime.embedded_redis import EmbeddedRedis
 from middleware.scheduler.service import ANSWER_LUA, Scheduler

@@ -335,10 +335,11 @@ async def test_sigkilled_workers_job_is_reclaimed_and_completed_by_another(redis
 
 
 async def test_sigterm_finishes_the_batch_in_flight_hands_back_the_rest_and_exits_0(redis, redis_url, tiny_llama_dir):
-    from middleware.cli.services import alignq_command
+    from middleware.runtime.launcher import alignq_command
 
     process = start_worker_process(redis_url, tiny_llama_dir, "w-term", command=alignq_command("-v", "worker"),
-                                   ALIGNQ_MAX_BATCH_JOBS="1")  # `alignq worker`, as compose runs it
+                                   ALIGNQ_MAX_BATCH_JOBS="1",  # `alignq worker`, as compose runs it
+                                   ALIGNQ_MAX_BATCH="3")  # the first job's 3 samples fill the batch: no row to join
     try:
         await wait_ready(redis, "w-term", process)
         first, second = make_job("r-first", metadata={"sleep_s": 2}), make_job("r-second")

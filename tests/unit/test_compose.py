@@ -23,7 +23,7 @@ ROLES = {"scheduler": SchedulerSettings, "worker": WorkerSettings, "gateway": Ga
 
 def alignq_services(compose: dict) -> dict[str, dict]:
     return {name: service for name, service in compose["services"].items()
-            if not str(service.get("image", "")).startswith("redis")}
+            if str(service.get("image", "")).startswith("alignq")}
 
 
 def verb_of(command: list[str]) -> str:
@@ -31,7 +31,8 @@ def verb_of(command: list[str]) -> str:
 
 
 def test_services_are_redis_and_the_three_roles() -> None:
-    assert set(COMPOSE["services"]) == {"redis", "scheduler", "worker", "gateway"}
+    default = {name for name, service in COMPOSE["services"].items() if not service.get("profiles")}
+    assert default == {"redis", "scheduler", "worker", "gateway"}
     redis = COMPOSE["services"]["redis"]
     assert "--appendonly" in redis["command"] and redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
     assert any(volume.endswith(":/data") for volume in redis["volumes"])
@@ -42,7 +43,7 @@ def test_services_are_redis_and_the_three_roles() -> None:
 def test_service_command_is_a_real_alignq_verb(name: str) -> None:
     service = alignq_services(COMPOSE)[name]
     command = service["command"]
-    assert isinstance(command, list) and verb_of(command) == name  # each role runs its own verb
+    assert isinstance(command, list) and name.split("-")[0] == verb_of(command)  # each role runs its own verb
     args = build_parser().parse_args(command)  # SystemExit on an unknown verb or flag
     assert callable(args.func)
     assert "replicas" not in service.get("deploy", {}), "scale workers with --scale, not a fixed count"
@@ -50,8 +51,9 @@ def test_service_command_is_a_real_alignq_verb(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(alignq_services(COMPOSE)))
 def test_environment_names_are_settings_fields(name: str) -> None:
-    environment = alignq_services(COMPOSE)[name]["environment"]
-    settings_type = ROLES[name]
+    service = alignq_services(COMPOSE)[name]
+    environment = service["environment"]
+    settings_type = ROLES[verb_of(service["command"])]
     for key, value in environment.items():
         assert key.startswith("ALIGNQ_"), key
         field = key.removeprefix("ALIGNQ_").lower()
@@ -88,3 +90,22 @@ def test_dockerfile_copies_files_that_exist_and_installs_the_project() -> None:
     assert re.search(r"pip install .*torch==\$\{TORCH_VERSION\}", dockerfile) and "ARG TORCH_VERSION=2.13.0" in dockerfile
     assert re.search(r"^RUN pip install \. ", dockerfile, re.MULTILINE)
     assert 'ENTRYPOINT ["alignq"]' in dockerfile
+
+
+def test_vllm_profile_workers_use_the_openai_backend_against_one_gpu() -> None:
+    services = COMPOSE["services"]
+    vllm, worker = services["vllm"], services["worker-vllm"]
+    assert vllm["profiles"] == ["vllm"] == worker["profiles"]
+    assert vllm["image"].startswith("vllm/vllm-openai")
+    device = vllm["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["count"] == 1 and device["capabilities"] == ["gpu"]
+    command = vllm["command"]
+    served_name = command[command.index("--served-model-name") + 1]
+    port = command[command.index("--port") + 1]
+    settings = WorkerSettings(**{key.removeprefix("ALIGNQ_").lower(): value
+                                 for key, value in worker["environment"].items()})
+    assert settings.backend == "openai" and settings.backend_model == served_name
+    assert settings.backend_url == f"http://vllm:{port}/v1"
+    assert worker["depends_on"]["vllm"]["condition"] == "service_healthy" and "healthcheck" in vllm
+    assert "replicas" not in worker.get("deploy", {})  # --scale worker-vllm=N
+    assert "--profile vllm" in (ROOT / "compose.yaml").read_text()  # the documented command

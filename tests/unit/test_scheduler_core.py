@@ -237,8 +237,19 @@ def test_redelivered_request_is_held_once() -> None:
 
 def test_priority_orders_jobs_within_a_window() -> None:
     core = make_core(max_window=3)
-    plan = admit_all(core, make_request("low", priority=-1), make_request("mid"), make_request("high", priority=5))
+    plan = admit_all(core, make_request("low", priority=1), make_request("mid", priority=3),
+                     make_request("high", priority=5))
     assert [job.request_id for job in plan.jobs] == ["high", "mid", "low"]
+
+
+def test_a_window_holds_one_priority_lane() -> None:
+    """A high-priority request never waits for a backlog of low ones' exploration in its window."""
+    core = make_core(max_window=16)
+    plan = admit_all(core, make_request("low1", priority=-1), make_request("low2", priority=-1),
+                     make_request("high", priority=5), make_request("normal"))
+    assert [job.request_id for job in plan.jobs] == ["low1", "low2", "high"]  # two windows launched early
+    assert sorted(len(w.request_ids) for w in core.windows.values()) == [1, 2]
+    assert core.forming is not None and core.forming.request_ids == ["normal"]
 
 
 def test_several_windows_in_flight() -> None:

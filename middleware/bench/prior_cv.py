@@ -1,0 +1,99 @@
+"""Cross-validated priors for ``alignq bench allocation --cross-validate``: never test on a prompt learned from.
+
+The pool's prompts are split into folds. For each fold, the spread model
+(``middleware.scheduler.prior``) learns from the other folds' prompts, seeing only what past traffic would
+have shown: the first ``train_samples`` rewards of each (one answered request's worth), and predicts a
+``WindowPrior`` for the held-out fold's prompts. Batches of a fold are drawn from that fold only.
+
+Features: ``hash`` (torch-free, what a scheduler computes), ``embedding`` (the reward encoder's sentence
+embedding of the prompt, computed here through ``workers`` lazily and cached under ~/.cache/alignq),
+or ``both``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from middleware.scheduler.prior import RidgeStats, WindowPrior, prompt_features, reward_targets, window_prior
+
+logger = logging.getLogger(__name__)
+
+FEATURE_KINDS = ("hash", "embedding", "both")
+
+
+def _prompt_text(prompt: Any) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(str(m.get("content", "")) for m in prompt)
+
+
+def prompt_embeddings(texts: list[str], reward: str | None = None) -> np.ndarray:
+    """(P, d) sentence embeddings from the reward encoder (the default MiniLM), cached by content."""
+    key = hashlib.sha256("\x00".join([str(reward), *texts]).encode()).hexdigest()[:16]
+    cache = Path.home() / ".cache" / "alignq" / f"prompt-embeddings-{key}.npy"
+    if cache.is_file():
+        return np.load(cache)
+    from workers.reward import load_reward  # torch: only this bench mode needs it
+
+    spec = reward if reward and reward.startswith("embedding:") else None
+    encoder = load_reward(spec, device="cpu")
+    if not hasattr(encoder, "embed"):
+        encoder = load_reward(None, device="cpu")
+    values = encoder.embed(texts).cpu().numpy().astype(np.float64)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.save(cache, values)
+    return values
+
+
+def pool_features(prompts: list[Any], kind: str, reward: str | None = None) -> np.ndarray:
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"unknown feature kind {kind!r}: choose one of {', '.join(FEATURE_KINDS)}")
+    texts = [_prompt_text(p) for p in prompts]
+    embeddings = prompt_embeddings(texts, reward) if kind != "hash" else None
+    rows = []
+    for i, text in enumerate(texts):
+        row = prompt_features(text, embeddings[i] if embeddings is not None else None)
+        rows.append(row[-embeddings.shape[1]:] if kind == "embedding" and embeddings is not None else row)
+    return np.stack(rows)
+
+
+@dataclass(slots=True)
+class Fold:
+    test: np.ndarray  # pool indices of the held-out prompts
+    prior_for: Callable[[np.ndarray], WindowPrior]  # pool indices -> their priors
+    held_out_r2: list[float]  # per target, R² of the predictions on this fold's prompts (vs their full pools)
+
+
+def _r2(predicted: np.ndarray, actual: np.ndarray) -> float:
+    total = float(np.sum((actual - actual.mean()) ** 2))
+    return 1.0 - float(np.sum((actual - predicted) ** 2)) / total if total > 0 else float("nan")
+
+
+def make_folds(rewards: list[np.ndarray], features: np.ndarray, *, num_folds: int, train_samples: int,
+               seed: int) -> list[Fold]:
+    """Split the pool's prompts into ``num_folds`` folds; a prior learned off-fold for each."""
+    pooled = np.concatenate(rewards)
+    is_bernoulli = bool(np.all((pooled == 0.0) | (pooled == 1.0)))
+    order = np.random.default_rng([seed, 7]).permutation(len(rewards))
+    targets_train = np.stack([reward_targets(r[:train_samples], is_bernoulli) for r in rewards])
+    targets_full = np.stack([reward_targets(r, is_bernoulli) for r in rewards])
+    folds = []
+    for fold in range(num_folds):
+        test = np.sort(order[fold::num_folds])
+        train = np.setdiff1d(order, test)
+        fit = RidgeStats.from_rows(features[train], targets_train[train]).fit()
+        if fit is None:
+            raise ValueError(f"fold {fold}: too few training prompts ({train.size}) for the spread model")
+        prior = window_prior(fit, features, is_bernoulli)  # every prompt; batches only take held-out ones
+        predicted = fit.predict(features[test])
+        r2 = [_r2(predicted[:, t], targets_full[test, t]) for t in range(predicted.shape[1])]
+        folds.append(Fold(test, prior.take, r2))
+        logger.info("prior fold=%d train=%d test=%d r2=%s", fold, train.size, test.size, r2)
+    return folds
