@@ -326,14 +326,22 @@ async def count_live(redis: Any, keys: Keys, role: str, *, max_keys: int = 10_00
 
 
 async def read_queue_state(redis: Any, keys: Keys) -> QueueState:
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.zcard(keys.pending_requests)
-        pipe.zrange(keys.pending_requests, 0, 0, withscores=True)
-        pipe.xlen(keys.requests)
-        pipe.xlen(keys.jobs)
-        pipe.xlen(keys.dead_letters)
-        num_pending, oldest, num_requests, num_jobs, num_dead = await pipe.execute()
-    oldest_age_s = max(0.0, time.time() - oldest[0][1] / 1000) if oldest else 0.0
+    """Summed over every shard (one with ALIGNQ_SHARDS=1)."""
+    num_pending = num_requests = num_jobs = num_dead = 0
+    oldest_ms: list[float] = []
+    for shard in keys.shards:
+        shard_keys = keys.for_shard(shard)
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.zcard(shard_keys.pending_requests)
+            pipe.zrange(shard_keys.pending_requests, 0, 0, withscores=True)
+            pipe.xlen(shard_keys.requests)
+            pipe.xlen(shard_keys.jobs)
+            pipe.xlen(shard_keys.dead_letters)
+            pending, oldest, requests, jobs, dead = await pipe.execute()
+        num_pending, num_requests, num_jobs, num_dead = (
+            num_pending + pending, num_requests + requests, num_jobs + jobs, num_dead + dead)
+        oldest_ms += [oldest[0][1]] if oldest else []
+    oldest_age_s = max(0.0, time.time() - min(oldest_ms) / 1000) if oldest_ms else 0.0
     live = {role: await count_live(redis, keys, role) for role in ("scheduler", "worker", "gateway")}
     return QueueState(num_pending, oldest_age_s, {"requests": num_requests, "jobs": num_jobs, "dead": num_dead}, live)
 

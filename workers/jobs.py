@@ -137,8 +137,10 @@ class BatchRunner:
     """Runs batches of jobs on one loaded policy and reward model. Call from one thread at a time."""
 
     def __init__(self, policy: Any, reward: Any, *, worker_id: str, max_batch: int,
-                 aisp_defaults: Any = None) -> None:
+                 aisp_defaults: Any = None, embed_prompts: bool = False) -> None:
         self.policy = policy
+        # explore replies carry the reward encoder's prompt embedding (the scheduler's spread prior)
+        self.embed_prompts = embed_prompts and hasattr(reward, "embed")
         self.reward = reward
         self.worker_id = worker_id
         self.max_batch = max_batch
@@ -215,8 +217,20 @@ class BatchRunner:
         for result in results:
             job = self.jobs.pop(result.key)
             finished.append((job, None if result.is_cancelled else
-                             sample_set_from_generation(job, result, self.worker_id)))
+                             self._with_embedding(job, sample_set_from_generation(job, result, self.worker_id))))
         return finished
+
+    def _with_embedding(self, job: Job, reply: SampleSet) -> SampleSet:
+        """An explore reply with ``stats["prompt_embedding"]`` (when enabled; never fails the reply)."""
+        if not self.embed_prompts or job.kind != JobKind.EXPLORE or reply.error is not None:
+            return reply
+        try:
+            text = job.prompt if isinstance(job.prompt, str) else "\n".join(m.content for m in job.prompt)
+            vector = [round(float(v), 5) for v in self.reward.embed([text])[0].tolist()]
+        except Exception:  # noqa: BLE001 - the prior is optional: the samples still go back
+            logger.exception("prompt embedding failed job_id=%s", job.job_id)
+            return reply
+        return reply.model_copy(update={"stats": {**reply.stats, "prompt_embedding": vector}})
 
     def step_until(self, should_yield: Callable[[], bool], *, max_s: float) -> list[tuple[Job, SampleSet | None]]:
         """Decode steps until a job finishes, there is no work, ``should_yield()`` or ``max_s`` passes:
@@ -252,7 +266,7 @@ class BatchRunner:
             logger.info("engine batch jobs=%d samples=%d run_s=%.2f", len(engine_at),
                         sum(jobs[i].num_samples for i in engine_at), time.perf_counter() - started)
             for i, result in zip(engine_at, results):
-                replies[i] = sample_set_from_generation(jobs[i], result, self.worker_id)
+                replies[i] = self._with_embedding(jobs[i], sample_set_from_generation(jobs[i], result, self.worker_id))
         if aisp_at:
             for i, reply in zip(aisp_at, self._run_aisp([jobs[i] for i in aisp_at])):
                 replies[i] = reply

@@ -68,6 +68,7 @@ from workers.jobs import (
     take_batch,
 )
 from workers.settings import WorkerSettings
+from workers.tracing import WorkerTracing
 
 __all__ = ["Worker", "WorkerStats", "run_worker", "serve_worker"]
 
@@ -112,6 +113,7 @@ class Worker:
         self.consumer = self._job_consumer()
         self.runner: BatchRunner | None = None
         self.stats = WorkerStats()
+        self.tracing = WorkerTracing(self.worker_id)
         self.queue: list[HeldJob] = []  # held, not started
         self.in_flight: list[HeldJob] = []  # the batch the model is working on
         self.max_batch_samples = settings.max_batch_samples or 4 * settings.max_batch
@@ -469,6 +471,7 @@ class Worker:
                     await anyio.sleep(delay_s)
                     delay_s = min(MAX_BACKOFF_S, delay_s * 2)
         self.stats.num_jobs_done += len(replies)
+        self.tracing.record_published(replies)
         for _, job, reply in replies:
             if reply.error is not None:
                 logger.info("job answered with error job_id=%s request_id=%s code=%s", job.job_id,

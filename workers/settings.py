@@ -52,6 +52,7 @@ class WorkerSettings(BaseSettings):
         default=0, ge=0, description="Torch CPU threads (0: cores / workers on this host, at least 1)"
     )
     max_batch: int = Field(default=64, ge=1, description="Max sequences decoded in one forward pass (rows)")
+    prompt_embeddings: bool = Field(default=False, description="Explore replies carry the reward encoder's prompt embedding (for the scheduler's spread_prior)")
     max_batch_jobs: int = Field(default=32, ge=1, description="Max jobs packed into one engine batch")
     cache_dir: str | None = Field(default=None, description="Where de-quantised GGUF weights are cached; none: user cache")
     claim_idle_ms: int = Field(default=15_000, ge=100, description="Reclaim jobs idle this long (ms) from dead workers")

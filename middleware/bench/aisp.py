@@ -20,14 +20,14 @@ after every run. Torch and the models load only inside ``run``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import pathlib
-import statistics
 import sys
-from collections.abc import Sequence
 from typing import Any
 
+from middleware.bench.aisp_report import analyse, merge_raw, plot_report, print_table
 from middleware.bench.aisp_runs import (
     AISP_FIELDS,
     BON_TEMPERATURE,
@@ -38,7 +38,7 @@ from middleware.bench.aisp_runs import (
     run_greedy,
     run_window_seeds,
 )
-from middleware.bench.aisp_stats import best_curve, paired_diff, summarize
+from middleware.bench.aisp_stats import best_curve, summarize
 from middleware.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -51,11 +51,14 @@ _BOOL = {"true": True, "false": False}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompts", type=pathlib.Path, required=True, help="JSON lines with a 'prompt' field")
+    parser.add_argument("--prompts", type=pathlib.Path, default=None, help="JSON lines with a 'prompt' field")
     parser.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
     parser.add_argument("--n", type=int, default=8, help="AISP rollouts per iteration (default 8)")
     parser.add_argument("--k", type=int, default=4, help="AISP iterations (default 4); BoN draws n·k samples")
-    parser.add_argument("--seeds", type=int, default=3, help="repeat AISP and BoN with seeds 0..S-1 (default 3)")
+    parser.add_argument("--seeds", type=int, default=3, help="repeat AISP and BoN with S seeds (default 3)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds are first..first+S-1 (default 0)")
+    parser.add_argument("--merge", type=pathlib.Path, nargs="+", default=None, metavar="REPORT",
+                        help="no runs: merge --save reports of the same setup on other seeds and analyse them")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--model", default=None, help="policy spec (default: SmolLM2-135M-Instruct wheel)")
     parser.add_argument("--reward", default=None, help="reward spec (default: MiniLM preference reward)")
@@ -89,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     parser.add_argument("--max-batch", type=int, default=64, help="rows per forward pass (default 64)")
-    parser.add_argument("--save", type=pathlib.Path, default=None, help="write the JSON report here after every run")
+    parser.add_argument("--save", type=pathlib.Path, default=None,
+                        help="write the raw runs here after every run, the full report at the end")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--plot", type=pathlib.Path, default=None, help="write a PNG of best reward vs rollouts")
 
@@ -166,8 +170,9 @@ def _base_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    if min(args.n, args.k, args.seeds, args.max_new_tokens, args.max_batch) < 1 or args.threads < 0:
-        raise UsageError("--n, --k, --seeds, --max-new-tokens and --max-batch must be >= 1, --threads >= 0")
+    if min(args.n, args.k, args.seeds, args.max_new_tokens, args.max_batch) < 1 or min(args.threads, args.first_seed) < 0:
+        raise UsageError("--n, --k, --seeds, --max-new-tokens and --max-batch must be >= 1, --threads and "
+                         "--first-seed >= 0")
     if min(args.sigma, args.lam, args.sigma_decay) <= 0 or not 0 <= args.alpha <= 1 or args.max_u_norm < 0:
         raise UsageError("--sigma, --lam and --sigma-decay must be > 0, --alpha in [0, 1], --max-u-norm >= 0")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or not 0 < args.window_share <= 1:
@@ -184,125 +189,76 @@ def _save(report: dict[str, Any], path: pathlib.Path | None) -> None:
         path.write_text(json.dumps(report) + "\n", encoding="utf-8")
 
 
+def _measure(args: argparse.Namespace, items: list[dict[str, Any]], base: dict[str, Any],
+             variants: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    models = load_models(args.model, args.reward, args.device, args.dtype, args.threads)
+    n, k = args.n, args.k
+    common = {"seeds": args.seeds, "first_seed": args.first_seed, "max_new_tokens": args.max_new_tokens,
+              "max_batch": args.max_batch}
+    rewards, wall_s = run_greedy(models, items, args.max_new_tokens, args.max_batch)
+    raw: dict[str, Any] = {"meta": {
+        "n": n, "k": k, "num_prompts": len(items), "seeds": args.seeds, "first_seed": args.first_seed,
+        "max_new_tokens": args.max_new_tokens, "prompts": str(args.prompts), "model": models.policy.name,
+        "reward": args.reward or "embedding (MiniLM preference)", "config": base,
+        "bon_sampling": {"temperature": BON_TEMPERATURE, "top_p": BON_TOP_P}, "max_batch": args.max_batch,
+        "hardware": models.hardware}, "greedy": {"rewards": rewards, "wall_s": wall_s}}
+    raw["bon"] = dataclasses.asdict(run_bon_seeds(models, items, num_samples=n * k, **common))
+    _save(raw, args.save)
+    if not args.skip_base:
+        raw["aisp"] = dataclasses.asdict(run_aisp_seeds(models, items, base, **common))
+        _save(raw, args.save)
+    raw["variants"] = []
+    for name, settings in variants:
+        out = run_aisp_seeds(models, items, settings, **common)
+        raw["variants"].append({"name": name, "settings": settings, **dataclasses.asdict(out)})
+        _save(raw, args.save)
+    if args.window:
+        max_iterations = args.window_max_iterations or 2 * k
+        out = run_window_seeds(models, items, base, max_iterations=max_iterations, share=args.window_share, **common)
+        raw["window"] = {"share": args.window_share, "max_iterations": max_iterations, "runs": out.runs,
+                         "wall_s": out.wall_s, **out.extra}
+        _save(raw, args.save)
+    return raw
+
+
 def run(args: argparse.Namespace) -> int:
     _validate(args)
-    items = load_prompts(args.prompts, args.num_prompts)
-    base = _base_settings(args)
-    variants = [parse_variant(text, base) for text in args.variant]
-    if args.sweep:
-        variants += [(f"sigma={s},lam={lam}", {**base, "sigma": s, "lam": lam})
-                     for s in _floats(args.sweep_sigmas, "--sweep-sigmas") for lam in _floats(args.sweep_lams, "--sweep-lams")]
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401
         except ImportError as e:
             raise UsageError("--plot needs matplotlib: pip install 'alignq[plot]'") from e
-
-    models = load_models(args.model, args.reward, args.device, args.dtype, args.threads)
-    n, k, num_prompts = args.n, args.k, len(items)
-    common = {"seeds": args.seeds, "max_new_tokens": args.max_new_tokens, "max_batch": args.max_batch}
-    rollouts_per_seed = num_prompts * n * k
-    greedy_rewards, greedy_wall_s = run_greedy(models, items, args.max_new_tokens, args.max_batch)
-    bon = run_bon_seeds(models, items, num_samples=n * k, **common)
-    report: dict[str, Any] = {
-        "n": n, "k": k, "num_prompts": num_prompts, "seeds": args.seeds, "max_new_tokens": args.max_new_tokens,
-        "prompts": str(args.prompts), "model": models.policy.name,
-        "reward": args.reward or "embedding (MiniLM preference)", "config": base,
-        "bon_sampling": {"temperature": BON_TEMPERATURE, "top_p": BON_TOP_P},
-        "greedy_mean": statistics.fmean(greedy_rewards), "greedy_wall_s": greedy_wall_s,
-        "bon_wall_s": bon.wall_s, "bon_samples_per_s": rollouts_per_seed / bon.wall_s,
-        "max_batch": args.max_batch, "hardware": models.hardware,
-    }
-    _save(report, args.save)
-    aisp = None
-    if not args.skip_base:
-        aisp = run_aisp_seeds(models, items, base, **common)
-        report.update(summarize(aisp.runs, bon.runs, n, k, num_prompts))
-        report.update(aisp_iteration_mean=aisp.iteration_mean, aisp_ess=aisp.ess, aisp_wall_s=aisp.wall_s,
-                      aisp_rollouts_per_s=rollouts_per_seed / aisp.wall_s)
-        _save(report, args.save)
-    report["variants"] = []
-    for name, settings in variants:
-        out = run_aisp_seeds(models, items, settings, **common)
-        summary = summarize(out.runs, bon.runs, n, k, num_prompts)
-        row = {"name": name, "settings": settings, **{key: summary[key] for key in (
-            "aisp_best_mean", "rollouts_to_match_bon", "diff_mean", "diff_ci95", "prompts_ahead", "curve")},
-            "iteration_mean": out.iteration_mean, "ess": out.ess, "aisp_wall_s": out.wall_s}
-        if aisp is not None:
-            row["vs_base"] = paired_diff(out.runs, aisp.runs, num_prompts, n * k)
-        report["variants"].append(row)
-        _save(report, args.save)
+    if args.merge:
+        raws = []
+        for path in args.merge:
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as e:
+                raise UsageError(f"--merge: cannot read a report from {path}: {e}") from e
+            raws.append(data.get("raw", data))
+        raw = merge_raw(raws)
+    else:
+        if args.prompts is None:
+            raise UsageError("give --prompts (or --merge reports)")
+        items = load_prompts(args.prompts, args.num_prompts)
+        base = _base_settings(args)
+        variants = [parse_variant(text, base) for text in args.variant]
+        if args.sweep:
+            variants += [(f"sigma={s},lam={lam}", {**base, "sigma": s, "lam": lam})
+                         for s in _floats(args.sweep_sigmas, "--sweep-sigmas")
+                         for lam in _floats(args.sweep_lams, "--sweep-lams")]
+        raw = _measure(args, items, base, variants)
+    report = analyse(raw)
     if args.sweep:  # the σ × λ grid, in the shape earlier versions printed
         report["sweep"] = [{"sigma": row["settings"]["sigma"], "lam": row["settings"]["lam"],
                             "aisp_best_mean": row["aisp_best_mean"], "rollouts_to_match_bon": row["rollouts_to_match_bon"]}
                            for row in report["variants"] if row["name"].startswith("sigma=")]
-    if args.window and aisp is not None:
-        max_iterations = args.window_max_iterations or 2 * k
-        window = run_window_seeds(models, items, base, max_iterations=max_iterations, share=args.window_share,
-                                  **common)
-        gain = paired_diff(window.runs, aisp.runs, num_prompts, n * max_iterations, n * k)
-        report["window"] = {"share": args.window_share, "max_iterations": max_iterations, "budget": rollouts_per_seed,
-                            "adaptive_best_mean": statistics.fmean(max(r) for r in window.runs),
-                            "fixed_best_mean": report["aisp_best_mean"], "gain_mean": gain["mean"],
-                            "gain_ci95": gain["ci95"], "prompts_ahead": gain["prompts_ahead"],
-                            "prompts_behind": gain["prompts_behind"], "wall_s": window.wall_s, **window.extra}
-        _save(report, args.save)
-    if args.plot is not None and aisp is not None:
-        _plot(report, args.plot)
+    _save(report, args.save)
+    if args.plot is not None and "curve" in report:
+        plot_report(report, args.plot)
     if args.json:
         json.dump(report, sys.stdout)
         sys.stdout.write("\n")
     else:
-        _print_table(report)
+        print_table(report)
     return 0
-
-
-def _interval(ci: Sequence[float]) -> str:
-    return f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
-
-
-def _print_table(report: dict[str, Any]) -> None:
-    print(f"AISP(n={report['n']}, k={report['k']}) vs Best-of-N, {report['num_prompts']} prompts, "
-          f"{report['seeds']} seeds, {report['max_new_tokens']} new tokens; greedy {report['greedy_mean']:.4f}")
-    if "curve" in report:
-        print(f"{'rollouts':>9} {'AISP best':>10} {'BoN best':>10} {'AISP−BoN [95% CI]':>28} {'iter mean':>10} {'ESS':>6}")
-        for row, it_mean, ess in zip(report["curve"], report["aisp_iteration_mean"], report["aisp_ess"]):
-            print(f"{row['rollouts']:>9} {row['aisp_best_mean']:>10.4f} {row['bon_best_mean']:>10.4f} "
-                  f"{row['diff_mean']:>+9.4f} {_interval(row['diff_ci95']):>18} {it_mean:>10.4f} {ess:>6.2f}")
-        match = report["rollouts_to_match_bon"]
-        print(f"rollouts AISP needs to match BoN({report['n'] * report['k']}): {match if match else 'never'}")
-        print(f"throughput: AISP {report['aisp_rollouts_per_s']:.1f} rollouts/s, "
-              f"BoN {report['bon_samples_per_s']:.1f} samples/s ({report['max_batch']} rows per pass)")
-    for row in report["variants"]:
-        vs_base = f", vs base {row['vs_base']['mean']:+.4f} {_interval(row['vs_base']['ci95'])}" if "vs_base" in row else ""
-        print(f"variant {row['name']:<24} best {row['aisp_best_mean']:.4f}  AISP−BoN {row['diff_mean']:+.4f} "
-              f"{_interval(row['diff_ci95'])}  match at {row['rollouts_to_match_bon'] or 'never'}{vs_base}")
-    if "window" in report:
-        w = report["window"]
-        print(f"adaptive window: {w['adaptive_best_mean']:.4f} vs fixed k {w['fixed_best_mean']:.4f}, "
-              f"gain {w['gain_mean']:+.4f} {_interval(w['gain_ci95'])}")
-
-
-def _plot(report: dict[str, Any], path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    total = report["n"] * report["k"]
-    rollouts = list(range(1, total + 1))
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.plot(rollouts, report["bon_best_by_rollout"], label="Best-of-N (T=0.8, top-p 0.95)", color="tab:blue")
-    ax.plot(rollouts, report["aisp_best_by_rollout"], label=f"AISP (n={report['n']})", color="tab:red")
-    ax.plot([c["rollouts"] for c in report["curve"]], [c["aisp_best_mean"] for c in report["curve"]], "o",
-            color="tab:red", label="AISP after each iteration")
-    ax.axhline(report["greedy_mean"], color="gray", linestyle="--", label="greedy")
-    ax.set_xlabel("rollouts per prompt")
-    ax.set_ylabel("mean best reward")
-    ax.set_title(f"{report['num_prompts']} prompts × {report['seeds']} seeds, {report['max_new_tokens']} new tokens")
-    ax.legend(loc="lower right")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

@@ -87,14 +87,14 @@ def run_greedy(models: Models, items: list[dict[str, Any]], max_new_tokens: int,
 
 
 def run_bon_seeds(models: Models, items: list[dict[str, Any]], *, num_samples: int, seeds: int,
-                  max_new_tokens: int, max_batch: int) -> RunOutput:
+                  max_new_tokens: int, max_batch: int, first_seed: int = 0) -> RunOutput:
     """Best-of-N with the engine (T 0.8, top-p 0.95): per (seed, prompt) the rewards in sample order."""
     from workers.engine import Engine, GenerationRequest
 
     engine = Engine(models.policy, models.reward, max_batch=max_batch)
     runs: list[list[float]] = []
     wall_s = 0.0
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         requests = [GenerationRequest(key=f"bon-{seed}-{i}", prompt=item["prompt"], num_samples=num_samples,
                                       max_new_tokens=max_new_tokens, temperature=BON_TEMPERATURE, top_p=BON_TOP_P,
                                       seed=seed_of(seed, i), metadata=item["metadata"])
@@ -116,7 +116,7 @@ def _config(settings: dict[str, Any]) -> Any:
 
 
 def run_aisp_seeds(models: Models, items: list[dict[str, Any]], settings: dict[str, Any], *, seeds: int,
-                   max_new_tokens: int, max_batch: int) -> RunOutput:
+                   max_new_tokens: int, max_batch: int, first_seed: int = 0) -> RunOutput:
     """AISP with ``settings`` (n, k and AispConfig fields): per (seed, prompt) the n·k rewards in rollout order."""
     from workers.aisp import run_aisp
 
@@ -125,7 +125,7 @@ def run_aisp_seeds(models: Models, items: list[dict[str, Any]], settings: dict[s
     iteration_means: list[list[float]] = []
     ess: list[list[float]] = []
     wall_s = 0.0
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         requests = [_request(f"aisp-{seed}-{i}", item, settings["n"] * settings["k"], max_new_tokens, seed_of(seed, i))
                     for i, item in enumerate(items)]
         started = time.perf_counter()
@@ -149,7 +149,8 @@ def _request(key: str, item: dict[str, Any], budget: int, max_new_tokens: int, s
 
 
 def run_window_seeds(models: Models, items: list[dict[str, Any]], settings: dict[str, Any], *, seeds: int,
-                     max_new_tokens: int, max_batch: int, max_iterations: int, share: float) -> RunOutput:
+                     max_new_tokens: int, max_batch: int, max_iterations: int, share: float,
+                     first_seed: int = 0) -> RunOutput:
     """Adaptive AISP: all prompts of a seed form one window with n·k rollouts per prompt on average.
 
     Each prompt may run up to ``max_iterations`` iterations; its rewards are in rollout order (their
@@ -162,7 +163,7 @@ def run_window_seeds(models: Models, items: list[dict[str, Any]], settings: dict
     runs: list[list[float]] = []
     used, rounds, iterations = [], [], []
     wall_s = 0.0
-    for seed in range(seeds):
+    for seed in range(first_seed, first_seed + seeds):
         requests = [_request(f"window-{seed}-{i}", item, n * max_iterations, max_new_tokens, seed_of(seed, i))
                     for i, item in enumerate(items)]
         started = time.perf_counter()

@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,6 +37,7 @@ from middleware.scheduler.allocation import ALLOCATORS, EmpiricalGains, allocate
 
 DEFAULT_METHODS = ("adabon-mc", "adabon-integral", "adabon-gauss", "adabon-eb")
 BASELINES = ("null", "oracle")
+UNIFORM_CURVE_MULTIPLE = 4  # budget_equivalence is censored ("above") at 4×B
 
 
 @dataclass(slots=True)
@@ -56,7 +57,7 @@ class BenchRow:
     median_bwr_ci: list[float] | None = None  # 95% bootstrap interval of the median (resampling batches)
     budget_equivalence: float | None = None  # uniform budget (× B) whose mean batch total the method's at B equals
     budget_equivalence_ci: list[float] | None = None
-    budget_equivalence_censored: str | None = None  # "above": past 2B, the largest uniform budget simulated
+    budget_equivalence_censored: str | None = None  # "above": past 4B, the largest uniform budget simulated
     budget_saving: float | None = None  # 1 − b*/B: share of B the method does without to equal uniform at B
     budget_saving_ci: list[float] | None = None
     budget_saving_censored: str | None = None  # "above"/"below": beyond the --saving-grid
@@ -80,8 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cross-validate", type=int, default=0, metavar="FOLDS",
                         help="split the pool's prompts into FOLDS; each batch comes from one fold, and +prior "
                              "methods get a spread model learned on the other folds (never on a tested prompt)")
-    parser.add_argument("--prior-features", default="hash", choices=("hash", "embedding", "both"),
-                        help="+prior features: hashed words (torch-free), the reward encoder's embedding, or both")
+    parser.add_argument("--prior-features", default="embedding", choices=("hash", "embedding", "oracle"),
+                        help="+prior features: the reward encoder's prompt embedding, hashed words (torch-free), "
+                             "or oracle (each prompt's own full-pool spread and mean: the ceiling of any predictor)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     parser.add_argument("--plot", help="write a PNG of BWR and EST/B against K")
@@ -142,33 +144,37 @@ def _batch_metrics(totals: np.ndarray, uniform_curve: np.ndarray, budget: int) -
     """totals (R,), uniform_curve (R, 2B): BWR, EST, gain for one batch."""
     reference = uniform_curve[:, budget - 1]
     bwr = float(np.mean((totals > reference) + 0.5 * (totals == reference)))
-    est = float(np.mean(totals[:, None] >= uniform_curve, axis=0).sum())
+    est = float(np.mean(totals[:, None] >= uniform_curve[:, : 2 * budget], axis=0).sum())
     return bwr, est, float(np.mean(totals - reference))
 
 
 @dataclass(slots=True)
 class MethodSpec:
-    """A bench method: ``allocator[+prior][@explore_fraction]`` (e.g. ``adabon-eb+prior@0.25``)."""
+    """A bench method: ``allocator[+prior|+scale-prior][@explore_fraction]`` (e.g. ``adabon-eb+prior@0.25``).
+
+    ``+scale-prior``: only the predicted spread (and success rate), not the predicted mean.
+    """
 
     name: str
     allocator: str
     explore_fraction: float | None = None  # None: the bench's --explore-fraction
     uses_prior: bool = False
+    scale_only: bool = False
 
     @classmethod
     def parse(cls, text: str) -> MethodSpec:
         base, _, fraction = text.partition("@")
         allocator, _, extra = base.partition("+")
-        if allocator not in (*ALLOCATORS, "oracle") or allocator == "uniform" or extra not in ("", "prior"):
+        if allocator not in (*ALLOCATORS, "oracle") or allocator == "uniform" or extra not in ("", "prior", "scale-prior"):
             raise UsageError(f"unknown allocator {text!r}: choose from {', '.join(ALLOCATORS[1:])} "
-                             "(optionally +prior, @EXPLORE_FRACTION)")
+                             "(optionally +prior or +scale-prior, @EXPLORE_FRACTION)")
         try:
             value = float(fraction) if fraction else None
         except ValueError as e:
             raise UsageError(f"{text!r}: the part after @ is an explore fraction in (0, 1]") from e
         if value is not None and not 0 < value <= 1:
             raise UsageError(f"{text!r}: the explore fraction must be in (0, 1]")
-        return cls(text, allocator, value, extra == "prior")
+        return cls(text, allocator, value, extra != "", extra == "scale-prior")
 
 
 class _Batch:
@@ -185,6 +191,13 @@ class _Batch:
             self._explore[num_explore] = self.sampler.draw(self.rng, self.prompts, (self.num_runs, num_explore))
         return self._explore[num_explore]
 
+    def _prior(self, spec: MethodSpec) -> Any:
+        if not spec.uses_prior or self.prior is None:
+            return None
+        if spec.scale_only:
+            return replace(self.prior, loc_mean=None, loc_var=None)
+        return self.prior
+
     def totals(self, spec: MethodSpec, budget: int, explore_fraction: float, options: dict[str, Any],
                elapsed_s: dict[str, float]) -> np.ndarray:
         """(R,) batch totals Σ_i max reward of ``spec`` at ``budget`` per prompt."""
@@ -200,7 +213,7 @@ class _Batch:
                 counts[run] = greedy_allocate(gains, k, int(remaining.sum()))
             else:
                 counts[run] = allocate(list(explore[run]), remaining, method=spec.allocator, seed=self.rng,
-                                       prior=self.prior if spec.uses_prior else None, **options)
+                                       prior=self._prior(spec), **options)
         elapsed_s[spec.name] = elapsed_s.get(spec.name, 0.0) + time.perf_counter() - started
         extra = self.sampler.draw(self.rng, self.prompts, (self.num_runs, max(1, int(counts.max()))))
         extra[np.arange(extra.shape[2])[None, None, :] >= counts[:, :, None]] = -np.inf
@@ -234,7 +247,9 @@ def simulate(rewards: list[np.ndarray], *, ks: list[int], methods: list[str], bu
         for batch_index in range(num_batches):
             pool_ids, prior_for = sources[batch_index % len(sources)]
             prompts = rng.choice(pool_ids, size=k, replace=False)
-            uniform_curve = np.maximum.accumulate(sampler.draw(rng, prompts, (num_runs, 2 * budget)), axis=2).sum(axis=1)
+            # uniform Best-of-N for N = 1..UNIFORM_CURVE_MULTIPLE·B: EST reads its first 2B, equivalence all of it
+            uniform_curve = np.maximum.accumulate(sampler.draw(rng, prompts, (num_runs, UNIFORM_CURVE_MULTIPLE * budget)),
+                                                  axis=2).sum(axis=1)
             curves.append(uniform_curve.mean(axis=0))
             null_totals = sampler.draw(rng, prompts, (num_runs, budget)).max(axis=2).sum(axis=1)
             per_batch["null"].append(_batch_metrics(null_totals, uniform_curve, budget))
@@ -347,7 +362,10 @@ def _folds(args: argparse.Namespace, rewards: list[np.ndarray], methods: list[st
     if args.cross_validate < 2:
         return [], []
     from middleware.bench.pools import load_pool
-    from middleware.bench.prior_cv import make_folds, pool_features
+    from middleware.bench.prior_cv import make_folds, oracle_folds, pool_features
+
+    if args.prior_features == "oracle":
+        return oracle_folds(rewards, num_folds=args.cross_validate, seed=args.seed), []
 
     pool = load_pool(args.pool) if not args.pool.startswith("synthetic:") else None
     texts = [p.prompt for p in pool.prompts] if pool else [f"synthetic prompt {i}" for i in range(len(rewards))]

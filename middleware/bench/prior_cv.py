@@ -5,9 +5,9 @@ The pool's prompts are split into folds. For each fold, the spread model
 have shown: the first ``train_samples`` rewards of each (one answered request's worth), and predicts a
 ``WindowPrior`` for the held-out fold's prompts. Batches of a fold are drawn from that fold only.
 
-Features: ``hash`` (torch-free, what a scheduler computes), ``embedding`` (the reward encoder's sentence
-embedding of the prompt, computed here through ``workers`` lazily and cached under ~/.cache/alignq),
-or ``both``.
+Features (``middleware.scheduler.prior.prompt_features``): ``hash`` (torch-free hashed words, what a
+scheduler computes alone) or ``embedding`` (the reward encoder's sentence embedding of the prompt, what
+workers send with explore replies; computed here through ``workers`` lazily, cached under ~/.cache/alignq).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from middleware.scheduler.prior import RidgeStats, WindowPrior, prompt_features,
 
 logger = logging.getLogger(__name__)
 
-FEATURE_KINDS = ("hash", "embedding", "both")
+FEATURE_KINDS = ("hash", "embedding")
 
 
 def _prompt_text(prompt: Any) -> str:
@@ -56,12 +56,9 @@ def pool_features(prompts: list[Any], kind: str, reward: str | None = None) -> n
     if kind not in FEATURE_KINDS:
         raise ValueError(f"unknown feature kind {kind!r}: choose one of {', '.join(FEATURE_KINDS)}")
     texts = [_prompt_text(p) for p in prompts]
-    embeddings = prompt_embeddings(texts, reward) if kind != "hash" else None
-    rows = []
-    for i, text in enumerate(texts):
-        row = prompt_features(text, embeddings[i] if embeddings is not None else None)
-        rows.append(row[-embeddings.shape[1]:] if kind == "embedding" and embeddings is not None else row)
-    return np.stack(rows)
+    embeddings = prompt_embeddings(texts, reward) if kind == "embedding" else None
+    return np.stack([prompt_features(text, embeddings[i] if embeddings is not None else None)
+                     for i, text in enumerate(texts)])
 
 
 @dataclass(slots=True)
@@ -74,6 +71,21 @@ class Fold:
 def _r2(predicted: np.ndarray, actual: np.ndarray) -> float:
     total = float(np.sum((actual - actual.mean()) ** 2))
     return 1.0 - float(np.sum((actual - predicted) ** 2)) / total if total > 0 else float("nan")
+
+
+def oracle_folds(rewards: list[np.ndarray], *, num_folds: int, seed: int, variance: float = 1e-4) -> list[Fold]:
+    """Folds whose prior is each prompt's own full-pool (log s², mean) or rate: the ceiling of any predictor."""
+    pooled = np.concatenate(rewards)
+    is_bernoulli = bool(np.all((pooled == 0.0) | (pooled == 1.0)))
+    targets = np.stack([reward_targets(r, is_bernoulli) for r in rewards])
+    order = np.random.default_rng([seed, 7]).permutation(len(rewards))
+    if is_bernoulli:
+        rate = 1.0 / (1.0 + np.exp(-targets[:, 0]))
+        prior = WindowPrior(alpha=rate * 200.0, beta=(1 - rate) * 200.0)
+    else:
+        prior = WindowPrior(targets[:, 0], np.full(len(rewards), variance), targets[:, 1],
+                            np.full(len(rewards), variance))
+    return [Fold(np.sort(order[f::num_folds]), prior.take, [1.0] * targets.shape[1]) for f in range(num_folds)]
 
 
 def make_folds(rewards: list[np.ndarray], features: np.ndarray, *, num_folds: int, train_samples: int,

@@ -1,4 +1,4 @@
-"""``alignq bench allocation | aisp | throughput | ingest``: JSON on stdout, optional plot.
+"""``alignq bench allocation | aisp | throughput | ingest | latency``: JSON on stdout, optional plot.
 
 Each benchmark is a module ``middleware.bench.<name>`` defining ``add_arguments(parser)`` and
 ``run(args) -> int``; imported only when its verb runs, so torch loads only for the benches that need it.
@@ -15,6 +15,8 @@ BENCHES = {
     "aisp": "AISP(n, k) vs Best-of-N(n·k) on the same prompts, LM and reward",
     "throughput": "hand-written generate() loop vs alignq's engine vs the whole middleware",
     "ingest": "client submit rate vs redis-benchmark XADD; allocation time for 256 prompts",
+    "latency": "best reward vs p50/p95 latency through the middleware: uniform, two rounds, deadline-chosen",
+    "tracing": "the scheduler's CPU time per request with OpenTelemetry tracing off vs on",
 }
 
 

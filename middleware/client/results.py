@@ -209,7 +209,8 @@ class ResultWaiting:
         for shard, indices in by_shard.items():
             ids = [wire_ids[i] for i in indices]
             async with self._redis.pipeline(transaction=True) as pipe:  # answered XOR pending
-                pipe.mget([self.keys.result(wire_id) for wire_id in ids])
+                # MGET by name: a cluster pipeline blocks .mget(), though one slot's keys are fine
+                pipe.execute_command("MGET", *[self.keys.result(wire_id) for wire_id in ids])
                 pipe.zmscore(self.keys.for_shard(shard).pending_requests, ids)
                 shard_datas, shard_scores = await pipe.execute()
             for i, data, score in zip(indices, shard_datas, shard_scores):

@@ -36,6 +36,7 @@ from middleware.gateway.contract import allowed_methods, openapi_document
 from middleware.gateway.http import BodyLimitMiddleware, HttpMetricsMiddleware, error_responses
 from middleware.gateway.routes import router
 from middleware.gateway.tenants import TenantDirectory
+from middleware.gateway.tracing import add_tracing
 from middleware.metrics import CONTENT_TYPE, Telemetry, count_live, render_metrics
 from middleware.settings import GatewaySettings
 from schemas import Keys
@@ -85,6 +86,7 @@ def create_app(settings: GatewaySettings, *, redis: aioredis.Redis | None = None
     app.state.tenants = TenantDirectory(settings)
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(HttpMetricsMiddleware, telemetry_of=lambda: getattr(app.state, "telemetry", None))
+    add_tracing(app)  # OpenTelemetry spans when OTEL_EXPORTER_OTLP_ENDPOINT is set
     _add_error_handlers(app)
     app.include_router(router)
     _add_probes(app, keys)

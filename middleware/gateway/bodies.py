@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from schemas import MAX_BUDGET, MAX_NEW_TOKENS, MAX_PROMPT_CHARS, AispParams, Method
+from schemas import MAX_BUDGET, MAX_NEW_TOKENS, MAX_PROMPT_CHARS, Method
 from schemas.messages import CallerRequestId, ModelName
 
 __all__ = ["AlignqFields", "BatchBody", "ChatCompletionBody", "CompletionBody"]
@@ -29,16 +29,32 @@ MAX_MESSAGES = 256
 #: ``model`` values that mean "the deployment's default model" (OpenAI clients must send something).
 DEFAULT_MODEL_ALIASES = frozenset({"", "alignq", "default"})
 
+
+
+def _json_number(value: Any) -> Any:
+    """Numbers as JSON has them: no strings ("5") and no booleans, which pydantic would coerce."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("Input should be a JSON number")  # noqa: TRY004 - pydantic reports only ValueError
+    return value
+
+
+Number = BeforeValidator(_json_number)
+#: A character Python does not count as white space (``str.isspace``: the wire's blank check), spelled
+#: with \\u escapes that JSON Schema (ECMA-262), Rust (pydantic-core) and Python regexes read alike.
+NOT_BLANK = r"[^\u0009-\u000d\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
 #: Text with something in it: a prompt that is only white space is refused.
-Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS, pattern=r"\S")]
-Budget = Annotated[int, Field(ge=1, le=MAX_BUDGET, description="samples (rollouts for aisp); a deployment's "
-                              "max_budget may be lower")]
-NewTokens = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)]
-Temperature = Annotated[float, Field(ge=0, le=5)]
-TopP = Annotated[float, Field(gt=0, le=1)]
-Priority = Annotated[int, Field(ge=-100, le=100, description="higher first within a window")]
-DeadlineMs = Annotated[int, Field(ge=1, lt=2**53, description="relative to submission; then the best so far")]
-Seed = Annotated[int, Field(ge=0, lt=2**63)]
+Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS, pattern=NOT_BLANK)]
+Flag = Annotated[bool, Field(strict=True)]
+Budget = Annotated[int, Field(ge=1, le=MAX_BUDGET, description="samples (rollouts for aisp); a "
+                                      "deployment's max_budget may be lower"), Number]
+NewTokens = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS), Number]
+Temperature = Annotated[float, Field(ge=0, le=5), Number]
+TopP = Annotated[float, Field(gt=0, le=1), Number]
+Priority = Annotated[int, Field(ge=-100, le=100, description="higher first within a window"), Number]
+DeadlineMs = Annotated[int, Field(ge=1, lt=2**53, description="relative to submission; then the best so far"),
+                      Number]
+#: below 2**53 (the wire takes 2**63): larger integers are not exact in every JSON parser
+Seed = Annotated[int, Field(ge=0, lt=2**53), Number]
 MetadataValue = str | Annotated[int, Field(ge=-(2**63), lt=2**63)] | float | bool | None
 Metadata = Annotated[dict[str, MetadataValue], Field(max_length=64)]
 
@@ -46,7 +62,7 @@ Metadata = Annotated[dict[str, MetadataValue], Field(max_length=64)]
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    include_usage: bool = False
+    include_usage: Flag = False
 
 
 class AlignqFields(BaseModel):
@@ -56,12 +72,12 @@ class AlignqFields(BaseModel):
 
     model: Annotated[str, Field(max_length=128, pattern=r"^[A-Za-z0-9_.:/@+\-]*$")] = Field(
         default="alignq", description="a model live workers serve; alignq, default or empty: the default model")
-    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES), Number] = 1
     max_tokens: NewTokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
     seed: Seed | None = None
-    stream: bool = False
+    stream: Flag = False
     stream_options: StreamOptions | None = None
     budget: Budget | None = None
     method: Method | None = None
@@ -147,6 +163,19 @@ class MessageBody(BaseModel):
     content: Text
 
 
+class AispBody(BaseModel):
+    """Per-request AISP overrides (``schemas.AispParams``); unset: the worker's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_rollouts: Annotated[int, Field(ge=1, le=MAX_BUDGET), Number] | None = None
+    num_iterations: Annotated[int, Field(ge=1, le=MAX_BUDGET), Number] | None = None
+    sigma: Annotated[float, Field(gt=0), Number] | None = None
+    lam: Annotated[float, Field(gt=0), Number] | None = None
+    alpha: Annotated[float, Field(ge=0, le=1), Number] | None = None
+    horizon_tokens: NewTokens | None = None
+
+
 class RequestDefaults(BaseModel):
     """AlignRequest fields for every item of a batch; an item's own fields win."""
 
@@ -161,7 +190,7 @@ class RequestDefaults(BaseModel):
     priority: Priority | None = None
     deadline_ms: DeadlineMs | None = None
     seed: Seed | None = None
-    aisp: AispParams | None = None
+    aisp: AispBody | None = None
     metadata: Metadata | None = None
 
 
@@ -175,7 +204,8 @@ class BatchBody(BaseModel):
 
     requests: list[BatchItem] = Field(min_length=1, max_length=MAX_BATCH_ITEMS)
     defaults: RequestDefaults = Field(default_factory=RequestDefaults)
-    timeout_s: float | None = Field(default=None, gt=0, description="capped by the gateway's request_timeout_s")
+    timeout_s: Annotated[float, Field(gt=0, description="capped by the gateway's request_timeout_s"),
+                         Number] | None = None
 
     def item_fields(self, index: int) -> dict[str, Any]:
         """The AlignRequest fields of item ``index``: the defaults, then the item's own (None: unset)."""

@@ -66,11 +66,18 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorBody, "description": _STATUS_TEXT[status]} for status in statuses}
 
 
+#: One server-sent event as a client parses it (OpenAPI 3.2 ``itemSchema`` of text/event-stream).
+SSE_EVENT_SCHEMA = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+    "retry": {"type": "integer", "minimum": 0}}}
+_MEDIA_TYPES = {"application/json": {"schema": {"type": "object"}},
+                "text/event-stream": {"itemSchema": SSE_EVENT_SCHEMA},
+                "application/x-ndjson": {"itemSchema": {"type": "object"}}}
+
+
 def success_response(description: str, *media_types: str) -> dict[str, Any]:
-    """An OpenAPI response answered in any of ``media_types`` (JSON as an object, the others as text)."""
-    content = {media_type: {"schema": {"type": "object"} if media_type == "application/json" else {"type": "string"}}
-               for media_type in media_types}
-    return {"description": description, "content": content}
+    """An OpenAPI response answered in any of ``media_types``: JSON objects, or a stream of them."""
+    return {"description": description, "content": {media_type: _MEDIA_TYPES[media_type] for media_type in media_types}}
 
 
 def error_from_client(error: ClientError) -> GatewayError:

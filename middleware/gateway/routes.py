@@ -35,6 +35,7 @@ from middleware.gateway.openai_shapes import (
     sse_data,
 )
 from middleware.gateway.tenants import Tenant
+from middleware.gateway.tracing import trace_fields
 from schemas import FAILED_STATUSES, AlignRequest, ResultStatus
 
 __all__ = ["router"]
@@ -167,7 +168,7 @@ async def cancel(request_id: RequestIdPath, client: Client = Depends(tenant_clie
 async def _complete(request: Request, client: Client, body: AlignqFields, prompt: Any, *, chat: bool) -> Response:
     timeout_s = request.app.state.settings.request_timeout_s
     try:
-        align_request = client.build_request(prompt, **body.request_fields())
+        align_request = client.build_request(prompt, **body.request_fields(), **trace_fields())
         request_id = await client.submit_request(align_request)
     except ClientError as e:
         raise error_from_client(e) from e
@@ -214,7 +215,7 @@ async def _cancel_quietly(client: Client, request_id: str) -> None:
 
 
 def _batch_request(client: Client, index: int, body: BatchBody) -> AlignRequest:
-    fields = body.item_fields(index)
+    fields = {**trace_fields(), **body.item_fields(index)}
     try:
         return client.build_request(fields.pop("prompt"), **fields)
     except BadRequest as e:

@@ -27,7 +27,15 @@ import numpy as np
 
 from middleware.scheduler.allocation import num_explore_samples, plan_window
 from middleware.scheduler.deadline import RoundTimer, choose_explore_fraction
-from middleware.scheduler.prior import SpreadModel, WindowPrior, prompt_features, reward_kind, window_prior
+from middleware.scheduler.prior import (
+    PROMPT_EMBEDDING_STAT,
+    SpreadModel,
+    WindowPrior,
+    model_kind,
+    prompt_features,
+    reward_kind,
+    window_prior,
+)
 from middleware.scheduler.limits import check_limits
 from schemas import (
     AlignRequest,
@@ -154,6 +162,7 @@ class RequestState:
     score_s: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
     stage1_best_reward: float | None = None
+    prompt_embedding: list[float] | None = None  # the reward encoder's, sent with explore replies (spread prior)
 
     @property
     def request_id(self) -> str:
@@ -296,6 +305,9 @@ class SchedulerCore:
         state.generate_s += sample_set.generate_s
         state.score_s += sample_set.score_s
         for name, value in sample_set.stats.items():
+            if name == PROMPT_EMBEDDING_STAT:
+                state.prompt_embedding = value if isinstance(value, list) else None
+                continue
             state.stats[name] = value
         if sample_set.error is not None:
             state.errors.append(sample_set.error)
@@ -386,12 +398,18 @@ class SchedulerCore:
         return fraction
 
     def _window_prior(self, explore_rewards: dict[str, list[float]]) -> WindowPrior | None:
-        kind = reward_kind([r for rewards in explore_rewards.values() for r in rewards])
-        fit = self.spread.fit_for(kind)
+        """Predicted spreads for the window's prompts (embedding features only if every prompt has one)."""
+        states = [self.requests[rid] for rid in explore_rewards]
+        rewards = reward_kind([r for values in explore_rewards.values() for r in values])
+        has_embeddings = all(s.prompt_embedding is not None for s in states)
+        fit = self.spread.fit_for(model_kind(rewards, [0.0] if has_embeddings else None))
         if fit is None:
             return None
-        features = np.stack([prompt_features(prompt_text(self.requests[rid].request.prompt)) for rid in explore_rewards])
-        return window_prior(fit, features, kind == "bernoulli")
+        features = np.stack([prompt_features(prompt_text(s.request.prompt), s.prompt_embedding if has_embeddings else None)
+                             for s in states])
+        if features.shape[1] != fit.weights.shape[0]:
+            return None  # another encoder's embeddings: no prior rather than a wrong one
+        return window_prior(fit, features, rewards == "bernoulli")
 
     def _plan_if_explored(self, window: Window, now_ms: int) -> Plan:
         """Stage 2 once every live prompt of the window has its stage-1 replies."""
@@ -512,7 +530,7 @@ class SchedulerCore:
         """Final result for ``state``; forgets the request. ``partial_error``: answered at its deadline."""
         self.drop(state.request_id)
         if self.config.spread_prior and state.request.method == Method.BON:
-            self.spread.observe(prompt_text(state.request.prompt), state.finite_rewards)
+            self.spread.observe(prompt_text(state.request.prompt), state.finite_rewards, state.prompt_embedding)
         ranked = rank_samples(state.samples.values())
         best = ranked[0] if ranked and math.isfinite(ranked[0].reward) else None
         request = state.request

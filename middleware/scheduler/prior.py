@@ -27,19 +27,32 @@ from dataclasses import dataclass, field
 import numpy as np
 
 NUM_HASH_FEATURES = 256
-RIDGE_PENALTIES = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
+RIDGE_PENALTIES = (0.01, 0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e6)  # 1e6: in effect the mean alone
 MIN_OBSERVATIONS = 8  # fewer prompts seen: no prior (the allocator falls back to the window's)
 RATE_SMOOTHING = 0.5  # Jeffreys pseudo-counts in the success-rate target
 _WORD = re.compile(r"[a-z0-9']+")
+PROMPT_EMBEDDING_STAT = "prompt_embedding"  # SampleSet.stats key of the worker's prompt embedding
 REWARD_KINDS = ("continuous", "bernoulli")
+MODEL_KINDS = tuple(f"{r}:{f}" for r in REWARD_KINDS for f in ("hash", "embedding"))
 MAX_PENDING_OBSERVATIONS = 10_000  # per kind, if Redis stays unreachable: the oldest are dropped
+
+
+def feature_set(embedding: Sequence[float] | None) -> str:
+    """Which features a prompt gets: ``embedding`` when the worker sent one, else ``hash``."""
+    return "hash" if embedding is None else "embedding"
 
 
 def prompt_features(text: str, embedding: Sequence[float] | None = None,
                     num_hash_features: int = NUM_HASH_FEATURES) -> np.ndarray:
-    """(p,) features: L2-normalised hashed words + char trigrams, log length, then the embedding if given."""
+    """(p,) features: log length, then the embedding if given, else L2-normalised hashed words + char trigrams.
+
+    The two sets differ in size, so a model learns from one of them (``feature_set``).
+    """
     lowered = text.lower()
     tokens = _WORD.findall(lowered)
+    length = np.array([math.log1p(len(text)) / 5.0, math.log1p(len(tokens)) / 3.0])
+    if embedding is not None:
+        return np.concatenate([length, np.asarray(embedding, dtype=np.float64)])
     grams = [lowered[i : i + 3] for i in range(max(0, len(lowered) - 2))]
     hashed = np.zeros(num_hash_features)
     for token in [*("w:" + t for t in tokens), *("c:" + g for g in grams)]:
@@ -48,11 +61,7 @@ def prompt_features(text: str, embedding: Sequence[float] | None = None,
         hashed[value % num_hash_features] += 1.0 if (value >> 63) & 1 else -1.0
     norm = float(np.linalg.norm(hashed))
     hashed = hashed / norm if norm > 0 else hashed
-    length = np.array([math.log1p(len(text)) / 5.0, math.log1p(len(tokens)) / 3.0])
-    parts = [hashed, length]
-    if embedding is not None:
-        parts.append(np.asarray(embedding, dtype=np.float64))
-    return np.concatenate(parts)
+    return np.concatenate([length, hashed])
 
 
 def reward_targets(rewards: Sequence[float], is_bernoulli: bool) -> np.ndarray:
@@ -120,7 +129,8 @@ class RidgeStats:
                 dof = float(np.sum(eigvals * shrink)) + 1.0  # + the intercept
                 if dof >= n:
                     continue
-                scored.append((n * rss / (n - dof) ** 2, weights, rss / (n - dof)))
+                gcv = n * rss / (n - dof) ** 2  # ≈ the leave-one-out squared error: the predictive variance
+                scored.append((gcv, weights, gcv))
             if not scored:
                 return None
             gcv, weights, residual_var = min(scored, key=lambda item: item[0])
@@ -133,7 +143,7 @@ class RidgeStats:
 class RidgeFit:
     weights: np.ndarray  # (p, t)
     intercept: np.ndarray  # (t,)
-    residual_var: np.ndarray  # (t,) predictive variance of each target (GCV-corrected residuals)
+    residual_var: np.ndarray  # (t,) predictive variance of each target (the GCV estimate of held-out error)
     count: float  # prompts it learned from
 
     def predict(self, features: np.ndarray) -> np.ndarray:
@@ -167,11 +177,17 @@ def window_prior(fit: RidgeFit, features: np.ndarray, is_bernoulli: bool, *, min
     if is_bernoulli:
         rate = 1.0 / (1.0 + np.exp(-predicted[:, 0]))
         # var(p) ≈ (p(1-p))² · var(logit) matched to a Beta's p(1-p)/(strength+1)
-        strength = np.clip(1.0 / (rate * (1 - rate) * fit.residual_var[0]) - 1.0, min_strength, max_strength)
+        spread = np.maximum(rate * (1 - rate) * fit.residual_var[0], 1e-12)
+        strength = np.clip(1.0 / spread - 1.0, min_strength, max_strength)
         return WindowPrior(alpha=rate * strength, beta=(1 - rate) * strength)
     size = predicted.shape[0]
     return WindowPrior(log_var_mean=predicted[:, 0], log_var_var=np.full(size, fit.residual_var[0]),
                        loc_mean=predicted[:, 1], loc_var=np.full(size, fit.residual_var[1]))
+
+
+def model_kind(reward: str, embedding: Sequence[float] | None) -> str:
+    """One model per reward kind and feature set, e.g. ``continuous:embedding``."""
+    return f"{reward}:{feature_set(embedding)}"
 
 
 def reward_kind(rewards: Sequence[float]) -> str:
@@ -186,13 +202,13 @@ class SpreadModel:
     fits: dict[str, RidgeFit] = field(default_factory=dict)
     pending: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
 
-    def observe(self, prompt_text: str, rewards: Sequence[float]) -> None:
+    def observe(self, prompt_text: str, rewards: Sequence[float], embedding: Sequence[float] | None = None) -> None:
         """An answered prompt: its features and what its rewards looked like (needs >= 2 samples)."""
         if len(rewards) < 2:
             return
-        kind = reward_kind(rewards)
+        kind = model_kind(reward_kind(rewards), embedding)
         queue = self.pending.setdefault(kind, [])
-        queue.append((prompt_features(prompt_text), reward_targets(rewards, kind == "bernoulli")))
+        queue.append((prompt_features(prompt_text, embedding), reward_targets(rewards, kind.startswith("bernoulli"))))
         del queue[:-MAX_PENDING_OBSERVATIONS]
 
     def fit_for(self, kind: str) -> RidgeFit | None:

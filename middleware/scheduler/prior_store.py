@@ -17,7 +17,7 @@ import numpy as np
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
-from middleware.scheduler.prior import REWARD_KINDS, RidgeStats, SpreadModel
+from middleware.scheduler.prior import MODEL_KINDS, RidgeStats, SpreadModel
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ async def add_stats(redis: Redis, key: str, delta: RidgeStats) -> RidgeStats | N
 async def sync_spread_model(spread: SpreadModel, redis: Redis, keys: Any) -> int:
     """Push ``spread``'s pending observations, refit from the shared sums; returns the observations pushed."""
     pushed = 0
-    for kind in REWARD_KINDS:
+    for kind in MODEL_KINDS:
         rows, spread.pending[kind] = spread.pending.get(kind, []), []
         key = keys.spread_model(spread.model, kind)
         try:

@@ -37,6 +37,7 @@ from redis.exceptions import ResponseError
 
 from middleware.metrics import Telemetry
 from middleware.scheduler.core import Answer, CoreConfig, Plan, SchedulerCore, error_result
+from middleware.scheduler.tracing import SchedulerTracing
 from middleware.settings import SchedulerSettings
 from schemas import (
     PAYLOAD_FIELD,
@@ -119,6 +120,7 @@ class Scheduler:
         self.requests = StreamConsumer(self.redis, self.keys.requests, SCHEDULER_GROUP, self.scheduler_id)
         self.telemetry = telemetry or Telemetry(self.redis, self.keys)
         self._answer_script = self.redis.register_script(ANSWER_LUA)
+        self.tracing = SchedulerTracing(self.scheduler_id)
         self._samples_stream = self.keys.samples(self.scheduler_id)
         self._samples_cursor = "0-0"
         self.num_answered = 0
@@ -396,10 +398,12 @@ class Scheduler:
     # -- effects ----------------------------------------------------------------------------------
     async def _apply(self, plan: Plan) -> None:
         """Write a plan's effects: events and jobs (one pipeline), then each answer, then plain acks."""
+        self.tracing.observe(plan, self.core.requests)  # spans; stamps jobs with their traceparent
         if plan.events or plan.jobs:
             await self._retry("publish jobs", lambda: self._publish(plan))
         for answer in plan.answers:
             await self._publish_answer(answer)
+        self.tracing.answered(plan, self.core.requests)
         if plan.acks:
             await self._retry("ack", lambda: self.requests.ack(*plan.acks))
         for window in plan.windows:

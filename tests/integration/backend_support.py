@@ -48,7 +48,8 @@ class LlamaServer:
         self.binary = binary
         self.port = port
         self.args = ["-m", smollm2_gguf(), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
-                     "-c", str(slots * ctx_per_slot), "-t", str(threads), "-tb", str(threads)]
+                     "-c", str(slots * ctx_per_slot), "-t", str(threads), "-tb", str(threads),
+                     "--no-context-shift"]  # a prompt past the slot's context is a 400, as on vLLM
         self.process: subprocess.Popen | None = None
         self.log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)  # noqa: SIM115
 

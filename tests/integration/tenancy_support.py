@@ -10,6 +10,7 @@ Fleet), with their logs under ``tmp_path/logs``; the gateway is ready once ``/he
 from __future__ import annotations
 
 import pathlib
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,6 +65,9 @@ def deployment(redis_url: str, tmp_path: pathlib.Path, model_dir: pathlib.Path, 
             time.sleep(0.1)
         yield Deployment(base_url, fleet)
     finally:
+        gateway_service = fleet.services.get("g0")
+        if gateway_service is not None and gateway_service.process.poll() is None:
+            gateway_service.process.send_signal(signal.SIGTERM)  # Fleet SIGTERMs heartbeating roles only
         fleet.stop_all()
 
 

@@ -9,7 +9,6 @@ request. Cancelling an answered request is a no-op that says so; an unknown one 
 from __future__ import annotations
 
 import pathlib
-import subprocess
 import time
 
 import anyio

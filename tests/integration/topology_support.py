@@ -41,7 +41,7 @@ def _wait(check: Any, timeout_s: float, what: str) -> None:
 
 
 class SentinelSet:
-    """A primary, one replica and 3 sentinels (quorum 2, down after 800 ms)."""
+    """A primary, one replica and 3 sentinels (quorum 2, down after 1.5 s: less flags a busy CI box)."""
 
     def __init__(self, root: pathlib.Path, *, base_port: int) -> None:
         self.root = root
@@ -61,7 +61,7 @@ class SentinelSet:
             config = folder / "sentinel.conf"  # sentinels rewrite their config: one file each
             config.write_text(f"port {port}\nbind 127.0.0.1\ndir {folder}\nlogfile {folder / 'sentinel.log'}\n"
                               f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary.port} 2\n"
-                              f"sentinel down-after-milliseconds {SERVICE} 800\n"
+                              f"sentinel down-after-milliseconds {SERVICE} 1500\n"
                               f"sentinel failover-timeout {SERVICE} 4000\n"
                               f"sentinel parallel-syncs {SERVICE} 1\n")
             self.sentinels.append(subprocess.Popen([binary, str(config), "--sentinel"], stdin=subprocess.DEVNULL,
@@ -86,8 +86,12 @@ class SentinelSet:
         return sentinel.master_for(SERVICE, socket_timeout=5)
 
     def primary_port(self) -> int:
-        with redis.Redis(port=self.sentinel_ports[0], socket_timeout=2) as client:
-            return int(client.sentinel_get_master_addr_by_name(SERVICE)[1])
+        """The primary every sentinel agrees on; -1 while they disagree (a failover in progress)."""
+        ports = set()
+        for port in self.sentinel_ports:
+            with redis.Redis(port=port, socket_timeout=2) as client:
+                ports.add(int(client.sentinel_get_master_addr_by_name(SERVICE)[1]))
+        return ports.pop() if len(ports) == 1 else -1
 
     def kill_primary(self) -> None:
         self.primary.stop(signal.SIGKILL)

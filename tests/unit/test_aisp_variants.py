@@ -177,3 +177,29 @@ def test_bench_cli_variants_and_window(tiny_llama_dir: pathlib.Path, tmp_path: p
         with pytest.raises(SystemExit) as exit_info:
             main(argv[:-6] + bad)
         assert exit_info.value.code == 2
+
+
+def test_bench_merge_of_seed_runs_equals_one_run(tiny_llama_dir: pathlib.Path, tmp_path: pathlib.Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from middleware.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS[:2]), encoding="utf-8")
+    common = ["bench", "aisp", "--prompts", str(prompts), "--model", str(tiny_llama_dir), "--reward",
+              "python:workers.scorers:distinct_words", "--n", "2", "--k", "2", "--max-new-tokens", "4",
+              "--sigma", "1.0", "--dtype", "float32", "--device", "cpu", "--threads", "1", "--json",
+              "--variant", "elite keep_elite=true"]
+    reports = []
+    for extra in (["--seeds", "2"], ["--seeds", "1", "--save", str(tmp_path / "s0.json")],
+                  ["--seeds", "1", "--first-seed", "1", "--save", str(tmp_path / "s1.json")],
+                  ["--merge", str(tmp_path / "s0.json"), str(tmp_path / "s1.json")]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(common + extra)
+        assert exit_info.value.code == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    whole, merged = reports[0], reports[3]
+    assert merged["seeds"] == 2 and merged["raw"]["bon"]["runs"] == whole["raw"]["bon"]["runs"]
+    for key in ("aisp_best_mean", "bon_best_mean", "diff_mean", "diff_ci95", "rollouts_to_match_bon"):
+        assert merged[key] == pytest.approx(whole[key])
+    assert merged["variants"][0]["vs_base"]["ci95"] == pytest.approx(whole["variants"][0]["vs_base"]["ci95"])
+    assert merged["variants"][0]["aisp_best_mean"] == pytest.approx(whole["variants"][0]["aisp_best_mean"])

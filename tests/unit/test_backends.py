@@ -53,7 +53,11 @@ def test_parse_sample_reads_text_tokens_and_finish_reason() -> None:
 @pytest.mark.parametrize(("status", "retry"), [(500, True), (502, True), (503, True), (429, True), (408, True),
                                                (400, False), (401, False), (404, False), (422, False)])
 def test_only_server_side_and_not_now_statuses_are_retried(status: int, retry: bool) -> None:
-    assert is_retryable_status(status) is retry
+    assert is_retryable_status(status, b'{"error": {"message": "why"}}') is retry
+
+
+def test_a_4xx_without_a_body_is_a_connection_out_of_step_and_retried() -> None:
+    assert is_retryable_status(400, b"") and is_retryable_status(400, b"  \n")
 
 
 def test_rejection_message_is_the_servers_own() -> None:

@@ -22,4 +22,5 @@ def load_hf_backend(settings: Any, *, worker_id: str) -> Any:
                                    alpha=s.aisp_alpha, sigma_decay=s.aisp_sigma_decay, max_u_norm=s.aisp_max_u_norm)
     except ImportError:  # aisp jobs then get an error reply
         aisp_defaults = None
-    return BatchRunner(policy, reward, worker_id=worker_id, max_batch=s.max_batch, aisp_defaults=aisp_defaults)
+    return BatchRunner(policy, reward, worker_id=worker_id, max_batch=s.max_batch, aisp_defaults=aisp_defaults,
+                       embed_prompts=s.prompt_embeddings)

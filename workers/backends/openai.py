@@ -135,6 +135,8 @@ class OpenAIBackend:
             pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5.0)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     def list_models(self) -> list[str]:
         """The model ids the server lists (GET /models); raises on any failure."""
@@ -217,15 +219,17 @@ class OpenAIBackend:
             if self._closed:
                 raise BackendClosed("the worker is shutting down")
             try:
+                # while the server fails, no connection is kept: one it answered early may be out of step
+                headers = {"Connection": "close"} if self._down_since is not None else None
                 async with self._semaphore:
-                    response = await self._client.post(f"{self.base_url}{path}", json=body)
+                    response = await self._client.post(f"{self.base_url}{path}", json=body, headers=headers)
                 status = response.status_code
                 if status < 400:
                     sample = parse_sample(path, response.json())
                     self._mark_up()
                     return sample
                 message = rejection_message(response.content, status)
-                if not is_retryable_status(status):
+                if not is_retryable_status(status, response.content):
                     raise BackendRejected(status, message)
                 problem = f"HTTP {status}: {message}"
             except httpx.TransportError as e:  # refused, reset, timed out, broken protocol

@@ -70,9 +70,12 @@ def parse_sample(path: str, reply: Any) -> ServerSample:
                         is_finished=choice.get("finish_reason") == "stop")
 
 
-def is_retryable_status(status: int) -> bool:
-    """5xx and the 4xx that mean "not now" are retried; any other 4xx is the request's fault."""
-    return status >= 500 or status in RETRYABLE_STATUS
+def is_retryable_status(status: int, body: bytes = b"x") -> bool:
+    """5xx and the 4xx that mean "not now" are retried; any other 4xx is the request's fault, when the
+    server says why. A 4xx with an empty body is a connection out of step, not a verdict: llama.cpp's
+    server answers a 503 ("Loading model") without reading the request body, and the next request on
+    that kept-alive connection then parses as garbage (400, no body)."""
+    return status >= 500 or status in RETRYABLE_STATUS or not body.strip()
 
 
 def rejection_message(body: bytes, status: int) -> str:
