@@ -65,13 +65,11 @@ def context_of(traceparent: str | None) -> Any | None:
 
 
 def traceparent_of(span: Any) -> str | None:
-    """The ``traceparent`` value that makes ``span`` the parent of spans in other processes."""
-    from opentelemetry import trace
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-    carrier: dict[str, str] = {}
-    TraceContextTextMapPropagator().inject(carrier, context=trace.set_span_in_context(span))
-    return carrier.get("traceparent")
+    """The ``traceparent`` value that makes ``span`` the parent of spans in other processes (W3C level 1)."""
+    context = span.get_span_context()
+    if not context.is_valid:
+        return None
+    return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
 
 
 def ms_to_ns(ms: float) -> int:

@@ -200,7 +200,7 @@ class BatchRunner:
             jobs, self.aisp_waiting = self.aisp_waiting, []
             try:
                 replies = self._run_aisp(jobs)
-            except Exception as e:  # noqa: BLE001 - never lose a job: each gets an answer
+            except Exception as e:  # never lose a job: each gets an answer
                 logger.exception("aisp batch of %d jobs failed", len(jobs))
                 replies = [error_sample_set(job, self.worker_id, ErrorCode.INTERNAL, f"{type(e).__name__}: {e}")
                            for job in jobs]

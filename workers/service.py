@@ -251,16 +251,38 @@ class Worker:
         if isinstance(self.runner, BatchRunner):
             await self._stepping_loop()
             return
-        while not self._stopping:  # a backend without a step API: whole batches
-            if not self.queue:
-                await self._wait_queue_change(READ_BLOCK_MS / 1000)
-                continue
-            batch = take_batch(self.queue, max_jobs=self.settings.max_batch_jobs,
-                               max_samples=self.max_batch_samples)
-            self._notify()  # room for intake
-            batch = await self._answer_expired(batch)
-            if batch:
-                await self._run_batch(batch)
+        await self._overlapping_loop()
+
+    async def _overlapping_loop(self) -> None:
+        """A backend without a step API (openai: a server that batches for itself): a batch starts
+        whenever jobs wait and fewer than the backend's ``max_concurrency`` samples are in flight, so
+        batches overlap and the server is not left idle while one batch's last samples finish or
+        are scored."""
+        limit = int(getattr(self.runner, "max_concurrency", 0) or self.max_batch_samples)
+        async with anyio.create_task_group() as tg:
+            while not self._stopping:
+                room = limit - sum(h.job.num_samples for h in self.in_flight)
+                if not self.queue or room <= 0:
+                    await self._wait_queue_change(READ_BLOCK_MS / 1000)
+                    continue
+                batch = take_batch(self.queue, max_jobs=self.settings.max_batch_jobs, max_samples=room)
+                self._notify()  # room for intake
+                batch = await self._answer_expired(batch)
+                if batch:
+                    self.in_flight = [*self.in_flight, *batch]
+                    tg.start_soon(self._run_overlapping_batch, batch)
+
+    async def _run_overlapping_batch(self, batch: list[HeldJob]) -> None:
+        try:
+            jobs = [held.job for held in batch]
+            replies = await anyio.to_thread.run_sync(self._run_in_thread, jobs, abandon_on_cancel=True)
+            self.stats.num_batches += 1
+            self.stats.max_batch_jobs = max(self.stats.max_batch_jobs, len(jobs))
+            if await self._publish([(h.entry_id, h.job, r) for h, r in zip(batch, replies)]):
+                self.stats.num_samples += sum(len(r.samples) for r in replies)
+        finally:
+            self.in_flight = [h for h in self.in_flight if h not in batch]
+            self._notify()  # room for the next batch
 
     async def _stepping_loop(self) -> None:
         """Continuous batching: queued jobs join the running decode batch whenever it has free rows,
@@ -319,18 +341,6 @@ class Worker:
         finally:
             done = {job.job_id for job, _ in finished}
             self.in_flight = [h for h in self.in_flight if h.job.job_id not in done]
-
-    async def _run_batch(self, batch: list[HeldJob]) -> None:
-        self.in_flight = batch
-        try:
-            jobs = [held.job for held in batch]
-            replies = await anyio.to_thread.run_sync(self._run_in_thread, jobs, abandon_on_cancel=True)
-            self.stats.num_batches += 1
-            self.stats.max_batch_jobs = max(self.stats.max_batch_jobs, len(jobs))
-            if await self._publish([(h.entry_id, h.job, r) for h, r in zip(batch, replies)]):
-                self.stats.num_samples += sum(len(r.samples) for r in replies)
-        finally:
-            self.in_flight = []
 
     def _run_in_thread(self, jobs: list[Job]) -> list[SampleSet]:
         import torch

@@ -52,7 +52,8 @@ _BOOL = {"true": True, "false": False}
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=pathlib.Path, default=None, help="JSON lines with a 'prompt' field")
-    parser.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts")
+    parser.add_argument("--num-prompts", type=int, default=None, help="use only N prompts")
+    parser.add_argument("--prompt-offset", type=int, default=0, help="skip the first prompts (default 0)")
     parser.add_argument("--n", type=int, default=8, help="AISP rollouts per iteration (default 8)")
     parser.add_argument("--k", type=int, default=4, help="AISP iterations (default 4); BoN draws n·k samples")
     parser.add_argument("--seeds", type=int, default=3, help="repeat AISP and BoN with S seeds (default 3)")
@@ -98,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", type=pathlib.Path, default=None, help="write a PNG of best reward vs rollouts")
 
 
-def load_prompts(path: pathlib.Path, num_prompts: int | None) -> list[dict[str, Any]]:
+def load_prompts(path: pathlib.Path, num_prompts: int | None, offset: int = 0) -> list[dict[str, Any]]:
     """Items with ``prompt`` (text or chat messages) and optional ``metadata``, from JSON lines."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -115,7 +116,9 @@ def load_prompts(path: pathlib.Path, num_prompts: int | None) -> list[dict[str, 
         if not isinstance(item, dict) or not item.get("prompt"):
             raise UsageError(f"{path}:{number}: each line needs a non-empty 'prompt' field")
         items.append({"prompt": item["prompt"], "metadata": dict(item.get("metadata") or {})})
-    items = items[:num_prompts] if num_prompts is not None else items
+    for index, item in enumerate(items):
+        item["index"] = index  # seeds follow the prompt's place in the file, whatever range a run takes
+    items = items[offset:offset + num_prompts] if num_prompts is not None else items[offset:]
     if not items:
         raise UsageError(f"no prompts in {path}: give JSON lines with a 'prompt' field")
     return items
@@ -177,8 +180,8 @@ def _validate(args: argparse.Namespace) -> None:
         raise UsageError("--sigma, --lam and --sigma-decay must be > 0, --alpha in [0, 1], --max-u-norm >= 0")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or not 0 < args.window_share <= 1:
         raise UsageError("--temperature must be >= 0, --top-p and --window-share in (0, 1]")
-    if args.num_prompts is not None and args.num_prompts < 1:
-        raise UsageError("--num-prompts must be >= 1")
+    if args.num_prompts is not None and args.num_prompts < 1 or args.prompt_offset < 0:
+        raise UsageError("--num-prompts must be >= 1 and --prompt-offset >= 0")
     if args.skip_base and args.window:
         raise UsageError("--window compares with the base run: drop --skip-base")
 
@@ -197,7 +200,8 @@ def _measure(args: argparse.Namespace, items: list[dict[str, Any]], base: dict[s
               "max_batch": args.max_batch}
     rewards, wall_s = run_greedy(models, items, args.max_new_tokens, args.max_batch)
     raw: dict[str, Any] = {"meta": {
-        "n": n, "k": k, "num_prompts": len(items), "seeds": args.seeds, "first_seed": args.first_seed,
+        "n": n, "k": k, "num_prompts": len(items), "prompt_offset": args.prompt_offset, "seeds": args.seeds,
+        "first_seed": args.first_seed,
         "max_new_tokens": args.max_new_tokens, "prompts": str(args.prompts), "model": models.policy.name,
         "reward": args.reward or "embedding (MiniLM preference)", "config": base,
         "bon_sampling": {"temperature": BON_TEMPERATURE, "top_p": BON_TOP_P}, "max_batch": args.max_batch,
@@ -240,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.prompts is None:
             raise UsageError("give --prompts (or --merge reports)")
-        items = load_prompts(args.prompts, args.num_prompts)
+        items = load_prompts(args.prompts, args.num_prompts, args.prompt_offset)
         base = _base_settings(args)
         variants = [parse_variant(text, base) for text in args.variant]
         if args.sweep:

@@ -67,13 +67,22 @@ def _weighted(values: Sequence[float], weights: Sequence[int]) -> float:
     return sum(v * w for v, w in zip(values, weights)) / sum(weights)
 
 
-def _merge_run(parts: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[str, Any]:
+def _merge_run(parts: Sequence[dict[str, Any]], seeds: Sequence[int], prompts: Sequence[int] | None = None
+               ) -> dict[str, Any]:
+    """Seeds of ``parts`` one after the other; with ``prompts`` (each part's count), prompts side by side."""
     merged = {key: value for key, value in parts[0].items()}
-    merged["runs"] = [run for part in parts for run in part["runs"]]
-    merged["wall_s"] = _weighted([part["wall_s"] for part in parts], seeds)
+    if prompts is None:
+        merged["runs"] = [run for part in parts for run in part["runs"]]
+        weights = list(seeds)
+    else:  # same seeds in every part: seed-major, each seed's prompts part by part
+        merged["runs"] = [run for s in range(seeds[0]) for part, p in zip(parts, prompts)
+                          for run in part["runs"][s * p:(s + 1) * p]]
+        weights = list(prompts)
+    merged["wall_s"] = sum(part["wall_s"] for part in parts) if prompts is not None else \
+        _weighted([part["wall_s"] for part in parts], weights)
     for key in ("iteration_mean", "ess"):
         if key in merged:
-            merged[key] = [_weighted(col, seeds) for col in zip(*(part[key] for part in parts))]
+            merged[key] = [_weighted(col, weights) for col in zip(*(part[key] for part in parts))]
     for key in ("rollouts_used_by_seed", "rounds_by_seed"):
         if key in merged:
             merged[key] = [x for part in parts for x in part[key]]
@@ -81,28 +90,38 @@ def _merge_run(parts: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[st
 
 
 def merge_raw(raws: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One raw dict from runs of the same setup on other seeds (in the order given: seed-major)."""
+    """One raw dict from runs of the same setup on other seeds, or (same seeds) on other prompts of the file.
+
+    Parts are taken in the order given: seed-major for seeds, prompt order for prompt ranges.
+    """
     if not raws:
         raise UsageError("--merge needs at least one report")
-    same = ("n", "k", "num_prompts", "max_new_tokens", "prompts", "config")
-    first = raws[0]["meta"]
+    metas = [raw["meta"] for raw in raws]
+    by_prompts = len(raws) > 1 and len({(m["first_seed"], m["seeds"]) for m in metas}) == 1 \
+        and len({m.get("prompt_offset", 0) for m in metas}) == len(raws)
+    same = ("n", "k", "max_new_tokens", "prompts", "config") + (() if by_prompts else ("num_prompts",))
     for raw in raws[1:]:
-        if any(raw["meta"][key] != first[key] for key in same):
+        if any(raw["meta"][key] != metas[0][key] for key in same):
             raise UsageError(f"--merge: reports differ in one of {', '.join(same)}")
         if [v["name"] for v in raw.get("variants", [])] != [v["name"] for v in raws[0].get("variants", [])]:
             raise UsageError("--merge: reports ran different variants")
         if ("aisp" in raw) != ("aisp" in raws[0]) or ("window" in raw) != ("window" in raws[0]):
             raise UsageError("--merge: reports ran different parts (base AISP, window)")
-    seeds = [raw["meta"]["seeds"] for raw in raws]
+    seeds = [m["seeds"] for m in metas]
+    prompts = [m["num_prompts"] for m in metas] if by_prompts else None
     merged = copy.deepcopy(raws[0])
-    merged["meta"]["seeds"] = sum(seeds)
-    merged["meta"]["first_seed"] = [raw["meta"].get("first_seed", 0) for raw in raws]
-    merged["bon"] = _merge_run([raw["bon"] for raw in raws], seeds)
-    if "aisp" in merged:
-        merged["aisp"] = _merge_run([raw["aisp"] for raw in raws], seeds)
-    if "window" in merged:
-        merged["window"] = _merge_run([raw["window"] for raw in raws], seeds)
-    merged["variants"] = [_merge_run([raw["variants"][i] for raw in raws], seeds)
+    if by_prompts:
+        merged["meta"]["num_prompts"] = sum(prompts)
+        merged["meta"]["prompt_offset"] = [m.get("prompt_offset", 0) for m in metas]
+        merged["greedy"]["rewards"] = [r for raw in raws for r in raw["greedy"]["rewards"]]
+    else:
+        merged["meta"]["seeds"] = sum(seeds)
+        merged["meta"]["first_seed"] = [m.get("first_seed", 0) for m in metas]
+    merged["bon"] = _merge_run([raw["bon"] for raw in raws], seeds, prompts)
+    for part in ("aisp", "window"):
+        if part in merged:
+            merged[part] = _merge_run([raw[part] for raw in raws], seeds, prompts)
+    merged["variants"] = [_merge_run([raw["variants"][i] for raw in raws], seeds, prompts)
                           for i in range(len(merged.get("variants", [])))]
     return merged
 

@@ -97,7 +97,7 @@ def run_bon_seeds(models: Models, items: list[dict[str, Any]], *, num_samples: i
     for seed in range(first_seed, first_seed + seeds):
         requests = [GenerationRequest(key=f"bon-{seed}-{i}", prompt=item["prompt"], num_samples=num_samples,
                                       max_new_tokens=max_new_tokens, temperature=BON_TEMPERATURE, top_p=BON_TOP_P,
-                                      seed=seed_of(seed, i), metadata=item["metadata"])
+                                      seed=seed_of(seed, item.get("index", i)), metadata=item["metadata"])
                     for i, item in enumerate(items)]
         started = time.perf_counter()
         results = engine.run(requests)
@@ -126,7 +126,7 @@ def run_aisp_seeds(models: Models, items: list[dict[str, Any]], settings: dict[s
     ess: list[list[float]] = []
     wall_s = 0.0
     for seed in range(first_seed, first_seed + seeds):
-        requests = [_request(f"aisp-{seed}-{i}", item, settings["n"] * settings["k"], max_new_tokens, seed_of(seed, i))
+        requests = [_request(f"aisp-{seed}-{i}", item, settings["n"] * settings["k"], max_new_tokens, seed_of(seed, item.get("index", i)))
                     for i, item in enumerate(items)]
         started = time.perf_counter()
         results = run_aisp(models.policy, models.reward, requests, config, max_batch=max_batch)
@@ -164,7 +164,7 @@ def run_window_seeds(models: Models, items: list[dict[str, Any]], settings: dict
     used, rounds, iterations = [], [], []
     wall_s = 0.0
     for seed in range(first_seed, first_seed + seeds):
-        requests = [_request(f"window-{seed}-{i}", item, n * max_iterations, max_new_tokens, seed_of(seed, i))
+        requests = [_request(f"window-{seed}-{i}", item, n * max_iterations, max_new_tokens, seed_of(seed, item.get("index", i)))
                     for i, item in enumerate(items)]
         started = time.perf_counter()
         results, schedule = run_aisp_window(models.policy, models.reward, requests, config,

@@ -159,13 +159,16 @@ def redis_benchmark_xadd(redis_url: str, *, num_requests: int, payload_bytes: in
     if binary is None:
         raise RuntimeError("redis-benchmark not found on PATH; install redis-tools (apt) to compare with Redis")
     is_cluster = redis_url.startswith("redis+cluster://")
-    if is_cluster:  # one seed node; redis-benchmark --cluster finds the rest (one stream: one slot)
-        redis_url = "redis://" + redis_url.split("://", 1)[1].split(",")[0].split("/")[0]
+    if is_cluster:  # one stream is one slot: benchmark the primary that owns it (one node's ceiling)
+        from redis.cluster import RedisCluster
+
+        seed = redis_url.split("://", 1)[1].split(",")[0].split("/")[0]
+        with RedisCluster.from_url(f"redis://{seed}") as cluster:
+            node = cluster.get_node_from_key(key)
+            redis_url = f"redis://{node.host}:{node.port}"
     connection = Redis.from_url(redis_url)
     kwargs = connection.connection_pool.connection_kwargs
     command = [binary, "-n", str(num_requests), "-c", str(clients), "-P", str(pipeline), "--csv"]
-    if is_cluster:
-        command.append("--cluster")
     if "path" in kwargs:
         command += ["-s", kwargs["path"]]
     else:
@@ -180,16 +183,8 @@ def redis_benchmark_xadd(redis_url: str, *, num_requests: int, payload_bytes: in
     try:
         completed = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     finally:
+        connection.delete(key)
         connection.close()
-        if is_cluster:
-            from redis.cluster import RedisCluster
-
-            cluster = RedisCluster.from_url(redis_url)
-            cluster.delete(key)
-            cluster.close()
-        else:
-            with Redis.from_url(redis_url) as plain:
-                plain.delete(key)
     if completed.returncode != 0:
         raise RuntimeError(f"redis-benchmark failed ({completed.returncode}): {completed.stderr.strip()[:300]}")
     return parse_redis_benchmark_csv(completed.stdout)

@@ -39,8 +39,10 @@ INPUT_FIELDS = ("prompt", "request_id", "budget", "method", "max_new_tokens", "t
 
 # -- input ----------------------------------------------------------------------------------------
 def read_requests(source: str | Sequence[str], settings: SchedulerSettings, *, budget: int | None = None,
-                  method: str | None = None, model: str | None = None) -> list[AlignRequest]:
-    """Parse and validate every line before anything starts; a bad line is a UsageError naming it."""
+                  method: str | None = None, model: str | None = None,
+                  tenant: str | None = None) -> list[AlignRequest]:
+    """Parse and validate every line (in ``tenant``'s id scope) before anything starts; a bad line is a
+    UsageError naming it."""
     if isinstance(source, str):
         name = "stdin" if source == "-" else source
         try:
@@ -68,7 +70,7 @@ def read_requests(source: str | Sequence[str], settings: SchedulerSettings, *, b
             if default is not None:
                 fields.setdefault(field_name, default)
         try:
-            request = build_request(fields.pop("prompt"), **fields)
+            request = build_request(fields.pop("prompt"), tenant=tenant, **fields)
         except BadRequest as e:
             raise UsageError(f"{where}: {e}") from e
         error = check_limits(request, max_budget=settings.max_budget, max_prompt_chars=settings.max_prompt_chars)
@@ -103,8 +105,11 @@ def result_line(result: AlignResult) -> dict[str, Any]:
 
 
 # -- submit and collect ---------------------------------------------------------------------------
-def client_for(settings: SchedulerSettings) -> Client:
-    return Client(settings.redis_url or "", namespace=settings.namespace, max_pending=settings.max_pending)
+def client_for(settings: SchedulerSettings, requests: Sequence[AlignRequest] = ()) -> Client:
+    """A client in the requests' tenant scope (read_requests gives them all the same one)."""
+    tenant = requests[0].tenant if requests else None
+    return Client(settings.redis_url or "", namespace=settings.namespace, max_pending=settings.max_pending,
+                  tenant=tenant)
 
 
 def collect_results(settings: SchedulerSettings, requests: list[AlignRequest], *, output: str | None, quiet: bool,
@@ -140,7 +145,7 @@ def _first_failure(group: BaseExceptionGroup) -> ServiceError | ClientError | No
 
 def submit_only(settings: SchedulerSettings, requests: list[AlignRequest]) -> int:
     async def submit() -> list[str]:
-        async with client_for(settings) as client:
+        async with client_for(settings, requests) as client:
             return await _submit_all(client, requests)
 
     try:
@@ -178,7 +183,7 @@ async def _collect(settings: SchedulerSettings, requests: list[AlignRequest], ou
 
     from middleware.scheduler.service import Scheduler
 
-    async with client_for(settings) as client, anyio.create_task_group() as tg:
+    async with client_for(settings, requests) as client, anyio.create_task_group() as tg:
         stop = anyio.Event()
         if run_scheduler:
             tg.start_soon(partial(Scheduler(settings).run, stop=stop))
@@ -186,7 +191,7 @@ async def _collect(settings: SchedulerSettings, requests: list[AlignRequest], ou
             tg.start_soon(_watch, launcher, stop)
             await _wait_for_workers(client, launcher, num_workers, quiet=quiet)
         ids = await _submit_all(client, requests)
-        methods = {request.request_id: request.method for request in requests}
+        methods = {client.caller_id(request.request_id): request.method for request in requests}
         bar = tqdm(total=len(ids), unit="prompt", file=sys.stderr, disable=quiet, dynamic_ncols=True)
         try:
             num_errors = await _print_results(client, ids, methods, out, bar, timeout_s)

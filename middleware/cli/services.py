@@ -140,6 +140,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_output_flags(submit)
     submit.add_argument("--redis-url", default=None, help="Redis URL (default: ALIGNQ_REDIS_URL)")
     submit.add_argument("--namespace", default=None, help="prefix of every Redis key (default alignq)")
+    submit.add_argument("--tenant", default=None, help="submit in this tenant's id scope (default: the shared tenant)")
     submit.add_argument("--max-pending", type=int, default=None, help="queue bound the client enforces")
     submit.set_defaults(func=cmd_submit)
 
@@ -260,7 +261,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if (args.prompt is None) == (args.file is None):
         raise UsageError('give either one prompt or -f FILE, e.g. alignq submit "Tell me a joke"')
     source = args.file if args.file is not None else [json.dumps({"prompt": args.prompt})]
-    requests = read_requests(source, settings, budget=args.budget, method=args.method, model=args.model)
+    requests = read_requests(source, settings, budget=args.budget, method=args.method, model=args.model,
+                             tenant=args.tenant)
     if args.max_pending is not None:
         settings = settings.model_copy(update={"max_pending": args.max_pending})
     if args.no_wait:

@@ -61,7 +61,7 @@ from schemas import (
     now_ms,
 )
 from schemas.lifecycle import read_heartbeats
-from schemas.tenancy import request_fingerprint, scoped_request_id
+from schemas.tenancy import SCOPE_SEPARATOR, request_fingerprint, scoped_request_id
 from schemas.topology import WAIT_TIMEOUT_MS, check_min_replicas, check_replicas, eval_replicated, is_cluster
 from schemas.transport import REDIS_ERRORS, connect
 
@@ -160,6 +160,8 @@ class Client(ResultWaiting):
     # -- ids --------------------------------------------------------------------------------------
     def wire_id(self, request_id: str) -> str:
         """The id Redis knows this caller's ``request_id`` by."""
+        if SCOPE_SEPARATOR in request_id:  # a caller's ids never hold it: this would name another scope's keys
+            raise BadRequest(f"invalid request_id {request_id!r}: letters, digits and _ . : - only")
         return scoped_request_id(self.tenant, request_id)
 
     # -- submit -----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ A 405 names every method the path supports in ``Allow`` (Starlette names only th
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from fastapi import FastAPI
@@ -37,8 +38,18 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
 def allowed_methods(app: FastAPI, scope: dict[str, Any]) -> list[str]:
     """Every method some route of ``app`` answers on this request's path, sorted."""
     methods: set[str] = set()
-    for route in app.router.routes:
+    for route in _leaf_routes(app.router.routes):
         match, _ = route.matches(scope)
         if match != Match.NONE:  # PARTIAL: the path matches, the method does not
             methods.update(getattr(route, "methods", None) or ())
     return sorted(methods)
+
+
+def _leaf_routes(routes: Iterable[Any]) -> Iterator[Any]:
+    """Routes with methods, looking inside included routers (FastAPI keeps those as one route)."""
+    for route in routes:
+        included = getattr(route, "original_router", None) or getattr(route, "router", None)
+        if included is not None and hasattr(included, "routes"):
+            yield from _leaf_routes(included.routes)
+        else:
+            yield route

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from schemas import EventKind, JobKind
@@ -34,12 +34,12 @@ class _Spans:
     request: Any  # the request's span in this process
     stage: Any  # the open stage span (window, explore, allocate, exploit...)
     stage_name: str
-    links: list[Any] = field(default_factory=list)
+    stage_traceparent: str | None = None  # of the open stage span, computed once for all its jobs
 
 
 class SchedulerTracing:
     def __init__(self, scheduler_id: str) -> None:
-        self.tracer = service_tracer(SERVICE_NAME)
+        self.tracer: Any = service_tracer(SERVICE_NAME)  # None: tracing off (every hook returns at once)
         self.scheduler_id = scheduler_id
         self._open: dict[str, _Spans] = {}
 
@@ -72,7 +72,9 @@ class SchedulerTracing:
                     self._next_stage(job.request_id, stage, now_ns)
                 else:
                     self._next_stage(job.request_id, stage, ms_to_ns(job.created_at_ms))
-            plan.jobs[index] = job.model_copy(update={"traceparent": traceparent_of(spans.stage)})
+            if spans.stage_traceparent is None:
+                spans.stage_traceparent = traceparent_of(spans.stage)
+            plan.jobs[index] = job.model_copy(update={"traceparent": spans.stage_traceparent})
         for event in plan.events:  # a window that allocated nothing: no exploit jobs, straight to the answer
             if event.kind == EventKind.ALLOCATED and not event.data.get("num_samples"):
                 self._next_stage(event.request_id, "exploit", now_ns)
@@ -119,6 +121,7 @@ class SchedulerTracing:
         spans.stage = self.tracer.start_span(name, context=trace.set_span_in_context(spans.request),
                                              start_time=at_ns)
         spans.stage_name = name
+        spans.stage_traceparent = None
 
     def _end(self, request_id: str, at_ns: int, **attributes: Any) -> None:
         spans = self._open.pop(request_id, None)

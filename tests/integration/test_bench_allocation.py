@@ -82,3 +82,25 @@ def test_pool_build_with_a_real_engine_resumes(tmp_path: Path, tiny_llama_dir: P
     assert changed.returncode == 2 and "seed" in changed.stderr
     shown = alignq("pool", "show", str(pool), "--json")
     assert [json.loads(line)["prompt_id"] for line in shown.stdout.splitlines()] == ["a", "b", "c"]
+
+
+def test_bench_allocation_reports_budget_equivalence_and_cross_validated_priors(tmp_path: Path) -> None:
+    pool = tmp_path / "bernoulli.jsonl"
+    assert alignq("pool", "build", "--synthetic", "bernoulli", "--samples", "128", "-o", str(pool)).returncode == 0
+    done = alignq("bench", "allocation", "--pool", str(pool), "--k", "4", "--budget", "16", "--runs", "10",
+                  "--batches", "6", "--methods", "adabon,adabon-eb+prior@0.25", "--cross-validate", "3",
+                  "--prior-features", "hash", "--saving-grid", "0.75,1.25", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["cross_validate"] == 3 and len(report["prior_held_out_r2"]) == 1
+    for row in report["results"]:
+        assert {"budget_equivalence", "budget_equivalence_ci", "budget_saving", "budget_saving_ci",
+                "median_bwr_ci"} <= set(row)
+    prior = next(r for r in report["results"] if r["method"] == "adabon-eb+prior@0.25")
+    assert prior["num_explore"] == 4 and prior["budget_equivalence"] > 1.0
+
+
+def test_prior_methods_need_cross_validation() -> None:
+    done = alignq("bench", "allocation", "--pool", "synthetic:bernoulli", "--runs", "2", "--batches", "1",
+                  "--methods", "adabon+prior")
+    assert done.returncode == 2 and "--cross-validate" in done.stderr

@@ -192,14 +192,19 @@ def test_bench_merge_of_seed_runs_equals_one_run(tiny_llama_dir: pathlib.Path, t
     reports = []
     for extra in (["--seeds", "2"], ["--seeds", "1", "--save", str(tmp_path / "s0.json")],
                   ["--seeds", "1", "--first-seed", "1", "--save", str(tmp_path / "s1.json")],
-                  ["--merge", str(tmp_path / "s0.json"), str(tmp_path / "s1.json")]):
+                  ["--merge", str(tmp_path / "s0.json"), str(tmp_path / "s1.json")],
+                  ["--seeds", "2", "--num-prompts", "1", "--save", str(tmp_path / "p0.json")],
+                  ["--seeds", "2", "--num-prompts", "1", "--prompt-offset", "1", "--save", str(tmp_path / "p1.json")],
+                  ["--merge", str(tmp_path / "p0.json"), str(tmp_path / "p1.json")]):
         with pytest.raises(SystemExit) as exit_info:
             main(common + extra)
         assert exit_info.value.code == 0
         reports.append(json.loads(capsys.readouterr().out))
-    whole, merged = reports[0], reports[3]
-    assert merged["seeds"] == 2 and merged["raw"]["bon"]["runs"] == whole["raw"]["bon"]["runs"]
-    for key in ("aisp_best_mean", "bon_best_mean", "diff_mean", "diff_ci95", "rollouts_to_match_bon"):
-        assert merged[key] == pytest.approx(whole[key])
-    assert merged["variants"][0]["vs_base"]["ci95"] == pytest.approx(whole["variants"][0]["vs_base"]["ci95"])
-    assert merged["variants"][0]["aisp_best_mean"] == pytest.approx(whole["variants"][0]["aisp_best_mean"])
+    whole = reports[0]
+    for merged in (reports[3], reports[6]):  # seeds merged, prompt ranges merged
+        assert merged["seeds"] == 2 and merged["num_prompts"] == 2
+        assert merged["raw"]["bon"]["runs"] == whole["raw"]["bon"]["runs"]
+        for key in ("aisp_best_mean", "bon_best_mean", "diff_mean", "diff_ci95", "rollouts_to_match_bon"):
+            assert merged[key] == pytest.approx(whole[key])
+        assert merged["variants"][0]["vs_base"]["ci95"] == pytest.approx(whole["variants"][0]["vs_base"]["ci95"])
+        assert merged["variants"][0]["aisp_best_mean"] == pytest.approx(whole["variants"][0]["aisp_best_mean"])

@@ -139,3 +139,49 @@ def test_a_reward_failure_stays_with_its_job() -> None:
     assert scores[0].rewards == [1.0] and scores[0].error is None
     assert math.isnan(scores[1].rewards[0]) and "cannot score BAD" in (scores[1].error or "")
     assert scores[2].rewards == [] and scores[2].error is None
+
+
+def test_worker_flags_set_the_backend_and_a_bad_one_names_the_flag() -> None:
+    from middleware.cli import build_parser
+    from middleware.cli.services import worker_settings
+    from middleware.errors import UsageError
+
+    args = build_parser().parse_args(["worker", "--backend", "openai", "--backend-url", "http://h:8000/v1",
+                                      "--backend-model", "m", "--model-name", "prod-m"])
+    settings = worker_settings(args)
+    assert (settings.backend, settings.backend_url, settings.backend_model, settings.model_name) == (
+        "openai", "http://h:8000/v1", "m", "prod-m")
+    with pytest.raises(UsageError, match="--backend"):
+        worker_settings(build_parser().parse_args(["worker", "--backend", "grpc"]))
+    with pytest.raises(UsageError, match="--model-name"):
+        worker_settings(build_parser().parse_args(["worker", "--model-name", "has space"]))
+
+
+def test_submit_takes_a_model_for_lines_that_set_none() -> None:
+    from middleware.cli.batch import read_requests
+    from middleware.settings import SchedulerSettings
+
+    lines = ['{"prompt": "a"}', '{"prompt": "b", "model": "other"}']
+    requests = read_requests(lines, SchedulerSettings(), model="smol")
+    assert [r.model for r in requests] == ["smol", "other"]
+    assert [r.model for r in read_requests(lines[:1], SchedulerSettings())] == [None]  # the default model
+
+
+def test_route_checks_fail_fast_on_unknown_models_and_aisp_without_hf() -> None:
+    from middleware.client.models import ServedModel, check_route
+    from middleware.errors import BadRequest, ModelNotFound
+    from schemas import Method
+
+    check_route({}, None, Method.AISP)  # nothing live yet: the default model's requests wait for workers
+    with pytest.raises(ModelNotFound, match="'nope' is not served by any live worker"):
+        check_route({}, "nope", Method.BON)
+    models = {"smol": ServedModel("smol", 2, {"openai"}, set(), is_default=True),
+              "tiny": ServedModel("tiny", 1, {"hf"}, {"aisp"}, is_default=False)}
+    check_route(models, None, Method.UNIFORM)
+    check_route(models, "tiny", Method.AISP)
+    with pytest.raises(BadRequest, match="aisp needs a worker with the in-process hf backend"):
+        check_route(models, "smol", Method.AISP)
+    with pytest.raises(BadRequest, match="the default model"):
+        check_route(models, None, Method.AISP)
+    with pytest.raises(ModelNotFound, match=r"served: smol, tiny"):
+        check_route(models, "big", Method.BON)

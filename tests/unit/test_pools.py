@@ -103,3 +103,34 @@ def test_adaptive_allocation_wins_where_spreads_differ_and_ties_where_alike() ->
     eb, null = _row(alike, "adabon-eb"), _row(alike, "null")
     assert abs(null.median_bwr - 0.5) < 0.08
     assert 0.45 < eb.median_bwr < 0.65  # nothing to find but each prompt's luck in exploration
+
+
+def test_gzip_pools_load_and_a_truncated_tail_is_dropped(tmp_path) -> None:
+    import gzip
+
+    from middleware.bench.pools import drop_truncated_tail, load_pool, write_pool
+
+    pool = synthetic_pool("alike", num_prompts=3, num_samples=4)
+    plain = tmp_path / "p.jsonl"
+    write_pool(pool, plain)
+    packed = tmp_path / "p.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert [p.prompt_id for p in load_pool(packed).prompts] == [p.prompt_id for p in pool.prompts]
+    assert not drop_truncated_tail(plain)
+    with plain.open("a") as out:
+        out.write('{"prompt_id": "cut", "rewa')  # a kill mid-append
+    assert drop_truncated_tail(plain) and len(load_pool(plain).prompts) == 3
+
+
+def test_equivalence_and_saving_are_reported_with_intervals() -> None:
+    rows = simulate(synthetic_pool("normal-spread", spread=50.0, num_samples=512).rewards, ks=[5],
+                    methods=["adabon-eb", "adabon-eb@0.5"], budget=16, explore_fraction=0.75, num_runs=20,
+                    num_batches=10, seed=0, saving_grid=(0.75, 1.25))
+    eb, oracle, null = _row(rows, "adabon-eb"), _row(rows, "oracle"), _row(rows, "null")
+    assert null.budget_equivalence == 1.0 and null.budget_saving == 0.0
+    assert oracle.budget_equivalence > 1.05 and oracle.budget_saving > 0.0
+    for row in (eb, oracle, _row(rows, "adabon-eb@0.5")):
+        low, high = row.budget_equivalence_ci
+        assert low <= row.budget_equivalence <= high
+        assert row.budget_saving_ci[0] <= row.budget_saving <= row.budget_saving_ci[1]
+    assert _row(rows, "adabon-eb@0.5").num_explore == 8
