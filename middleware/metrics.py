@@ -271,23 +271,25 @@ def families_from_fields(values: Mapping[str, float]) -> list[Metric]:
     for name, spec in SPECS.items():
         series = grouped.get(name)
         if spec.kind == "counter":
-            family: Metric = CounterMetricFamily(name, spec.help, labels=spec.labels)
+            counter = CounterMetricFamily(name, spec.help, labels=spec.labels)
             for labels, parts in (series or {}).items():
-                family.add_metric([dict(labels)[key] for key in spec.labels], parts.get("", 0.0))
+                counter.add_metric([dict(labels)[key] for key in spec.labels], parts.get("", 0.0))
+            families.append(counter)
         elif spec.kind == "summary":
-            family = SummaryMetricFamily(name, spec.help, labels=spec.labels)
+            summary = SummaryMetricFamily(name, spec.help, labels=spec.labels)
             for labels, parts in (series or {}).items():
-                family.add_metric([dict(labels)[key] for key in spec.labels], parts.get("count", 0.0),
-                                  parts.get("sum", 0.0))
+                summary.add_metric([dict(labels)[key] for key in spec.labels], int(parts.get("count", 0)),
+                                   parts.get("sum", 0.0))
+            families.append(summary)
         else:
-            family = HistogramMetricFamily(name, spec.help, labels=spec.labels)
+            histogram = HistogramMetricFamily(name, spec.help, labels=spec.labels)
             for labels, parts in (series or {}).items():
                 cumulative, buckets = 0.0, []
                 for bound in (*spec.buckets, math.inf):
                     cumulative += parts.get(f"le={float(bound)}" if bound != math.inf else "le=+Inf", 0.0)
                     buckets.append(("+Inf" if bound == math.inf else str(float(bound)), cumulative))
-                family.add_metric([dict(labels)[key] for key in spec.labels], buckets, parts.get("sum", 0.0))
-        families.append(family)
+                histogram.add_metric([dict(labels)[key] for key in spec.labels], buckets, parts.get("sum", 0.0))
+            families.append(histogram)
     families.extend(_derived_families(grouped))
     return families
 

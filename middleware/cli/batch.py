@@ -109,7 +109,7 @@ def client_for(settings: SchedulerSettings, requests: Sequence[AlignRequest] = (
     """A client in the requests' tenant scope (read_requests gives them all the same one)."""
     tenant = requests[0].tenant if requests else None
     return Client(settings.redis_url or "", namespace=settings.namespace, max_pending=settings.max_pending,
-                  tenant=tenant)
+                  tenant=tenant, num_shards=settings.shards, min_replicas=settings.redis_min_replicas)
 
 
 def collect_results(settings: SchedulerSettings, requests: list[AlignRequest], *, output: str | None, quiet: bool,
@@ -181,12 +181,12 @@ async def _collect(settings: SchedulerSettings, requests: list[AlignRequest], ou
                    num_workers: int) -> int:
     from tqdm import tqdm
 
-    from middleware.scheduler.service import Scheduler
+    from middleware.scheduler.process import run_schedulers
 
     async with client_for(settings, requests) as client, anyio.create_task_group() as tg:
         stop = anyio.Event()
         if run_scheduler:
-            tg.start_soon(partial(Scheduler(settings).run, stop=stop))
+            tg.start_soon(partial(run_schedulers, settings, stop=stop))  # one per shard (ALIGNQ_SHARDS)
         if launcher is not None and launcher.children:
             tg.start_soon(_watch, launcher, stop)
             await _wait_for_workers(client, launcher, num_workers, quiet=quiet)

@@ -39,7 +39,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         raise UsageError("no Redis to talk to: set ALIGNQ_REDIS_URL or --redis-url")
 
     async def cancel() -> tuple[CancelOutcome, str]:
-        async with Client(settings.redis_url or "", tenant=args.tenant, namespace=settings.namespace) as client:
+        async with Client(settings.redis_url or "", tenant=args.tenant, namespace=settings.namespace,
+                          num_shards=settings.shards) as client:
             outcome = await client.cancel(args.request_id, reason="cancelled with `alignq cancel`")
             result = await client.get_result(args.request_id)
             return outcome, result.status.value if result is not None else "cancelled"

@@ -210,7 +210,7 @@ def _add_output_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
-    from middleware.scheduler.service import run_scheduler
+    from middleware.scheduler.process import run_scheduler
 
     settings = build_settings(SchedulerSettings, args, SCHEDULER_FLAGS)
     if not settings.redis_url:
@@ -294,7 +294,7 @@ async def _serve(settings: SchedulerSettings, launcher: Launcher) -> int:
     """The scheduler until Ctrl-C/SIGTERM, watching the child processes: one dying stops the rest (exit 1)."""
     import anyio
 
-    from middleware.scheduler.service import serve_scheduler
+    from middleware.scheduler.process import serve_scheduler
 
     stop = anyio.Event()
     failures: list[ServiceError] = []

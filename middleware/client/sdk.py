@@ -58,6 +58,7 @@ from schemas import (
     ResultStatus,
     SchemaError,
     encode,
+    new_request_id,
     now_ms,
 )
 from schemas.lifecycle import read_heartbeats
@@ -404,7 +405,7 @@ def build_request(prompt: Any, *, tenant: str | None = None, **fields: Any) -> A
         if request_id is not None:
             fields["request_id"] = scoped_request_id(tenant, request_id)
         elif tenant is not None:
-            fields["request_id"] = scoped_request_id(tenant, AlignRequest.model_fields["request_id"].default_factory())
+            fields["request_id"] = scoped_request_id(tenant, new_request_id())
         return AlignRequest(prompt=prompt, tenant=tenant, **fields)
     except ValidationError as e:
         first = e.errors()[0]

@@ -7,7 +7,7 @@ A 405 names every method the path supports in ``Allow`` (Starlette names only th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, MutableMapping
 from typing import Any
 
 from fastapi import FastAPI
@@ -35,7 +35,7 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-def allowed_methods(app: FastAPI, scope: dict[str, Any]) -> list[str]:
+def allowed_methods(app: FastAPI, scope: MutableMapping[str, Any]) -> list[str]:
     """Every method some route of ``app`` answers on this request's path, sorted."""
     methods: set[str] = set()
     for route in _leaf_routes(app.router.routes):

@@ -137,7 +137,7 @@ class ChunkWriter:
             for piece in split_text(sample.text):
                 delta = {"delta": {"content": piece}} if self.chat else {"text": piece}
                 lines.append(self._chunk([{"index": index, **delta, "logprobs": None, "finish_reason": None}]))
-            end = {"delta": {}} if self.chat else {"text": ""}
+            end: dict[str, Any] = {"delta": {}} if self.chat else {"text": ""}
             lines.append(self._chunk([{"index": index, **end, "logprobs": None, "finish_reason": finish_reason(sample)}],
                                      alignq=alignq_field(result, choices) if index == len(choices) - 1 else None))
         if self.body.include_usage_chunk:

@@ -100,7 +100,7 @@ class EmbeddedRedis:
     def _wait_ready(self) -> bool:
         import redis
 
-        assert self.process is not None
+        assert self.process is not None and self.port is not None
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5, socket_timeout=0.5)
         give_up_at = time.monotonic() + START_TIMEOUT_S
         try:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -77,10 +78,10 @@ class Launcher:
     write their logs to this process's stderr as well as stdout to their log file.
     """
 
-    def __init__(self, redis_url: str | None = None, *, env: dict[str, str | None] | None = None, verbosity: int = 0,
+    def __init__(self, redis_url: str | None = None, *, env: Mapping[str, str | None] | None = None, verbosity: int = 0,
                  stop_timeout_s: float = STOP_TIMEOUT_S) -> None:
         self.redis_url = redis_url or ""
-        self.env = dict(env or {})
+        self.env: dict[str, str | None] = dict(env or {})
         self.verbosity = verbosity
         self.stop_timeout_s = stop_timeout_s
         self.children: dict[str, ChildProcess] = {}
@@ -100,7 +101,7 @@ class Launcher:
             logger.info("embedded redis at %s", self.redis_url)
         return self
 
-    def start(self, name: str, verb_args: list[str], env: dict[str, str | None] | None = None) -> ChildProcess:
+    def start(self, name: str, verb_args: list[str], env: Mapping[str, str | None] | None = None) -> ChildProcess:
         """Start ``alignq [-v] VERB_ARGS`` as ``name`` (unique), logging to its own file."""
         if name in self.children:
             raise ValueError(f"a child named {name!r} was started already")

@@ -535,7 +535,7 @@ class SchedulerCore:
         best = ranked[0] if ranked and math.isfinite(ranked[0].reward) else None
         request = state.request
         num_explore = sum(1 for i in state.samples if i < state.num_explore) if request.method == Method.BON else 0
-        common = {
+        common: dict[str, Any] = {
             "request_id": request.request_id, "method": request.method, "samples_used": len(ranked),
             "num_tokens": sum(s.num_tokens for s in ranked), "samples": ranked,
             "explore_samples": num_explore, "exploit_samples": len(ranked) - num_explore if request.method == Method.BON else 0,

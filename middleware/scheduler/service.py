@@ -14,9 +14,9 @@ set, store the result, XADD the terminal event and drop the request from the pen
 case XACK the request entry. A scheduler killed between publishing and acking leaves an entry that
 another scheduler reclaims, finds claimed, and acks: one result per request_id.
 
-Sharded (``ALIGNQ_SHARDS`` S > 1, or a cluster): ``serve_scheduler`` runs one ``Scheduler`` per shard it
-owns (``ALIGNQ_SHARD_IDS``, default all), on one connection, under the same scheduler id; each reads
-its shard's requests stream and samples stream, so every script and transaction stays in one slot.
+Sharded (``ALIGNQ_SHARDS`` S > 1, or a cluster): one ``Scheduler`` serves one shard (its ``keys`` are
+pinned to it); ``middleware.scheduler.process`` runs one per shard the process owns. A new Redis
+primary (failover) makes it re-read its own pending requests (``schemas.failover``).
 
 Shutdown (``stop`` set, e.g. by SIGTERM): intake and janitor stop; the forming window launches;
 in-flight requests get ``shutdown_grace_s`` to finish; the rest stay un-acked for another scheduler.
@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Awaitable, Callable
-from functools import partial
 from typing import Any, TypeVar
 
 import anyio
@@ -57,7 +55,7 @@ from schemas import (
 )
 from schemas.failover import PrimaryWatch
 from schemas.keys import Lane, parse_shard_ids
-from schemas.lifecycle import heartbeat_value, new_instance_id, stop_on_signals
+from schemas.lifecycle import heartbeat_value, new_instance_id
 from schemas.messages import terminal_event_kind
 from schemas.topology import NotReplicated, check_min_replicas, deployment_keys, eval_replicated
 from schemas.transport import (
@@ -458,51 +456,3 @@ class Scheduler:
                         result.status.value, result.reward, result.samples_used, result.total_s)
         else:
             logger.info("already answered request_id=%s: acked the duplicate", rid)
-
-
-async def serve_scheduler(settings: SchedulerSettings, *, stop: anyio.Event | None = None,
-                          ready: anyio.Event | None = None, scheduler_id: str | None = None) -> Scheduler:
-    """Run a scheduler until ``stop``; SIGTERM and SIGINT also stop it when run in the main thread."""
-    stop = stop or anyio.Event()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(stop_on_signals, stop)
-        scheduler = await run_schedulers(settings, stop=stop, ready=ready, scheduler_id=scheduler_id)
-        tg.cancel_scope.cancel()
-    return scheduler
-
-
-async def run_schedulers(settings: SchedulerSettings, *, stop: anyio.Event, ready: anyio.Event | None = None,
-                         scheduler_id: str | None = None) -> Scheduler:
-    """One Scheduler per shard this process serves (``ALIGNQ_SHARD_IDS``), on one connection; returns the first."""
-    shard_ids = parse_shard_ids(settings.shard_ids, settings.shards)
-    if len(shard_ids) == 1:
-        scheduler = Scheduler(settings, scheduler_id=scheduler_id)
-        await scheduler.run(stop=stop, ready=ready)
-        return scheduler
-    redis = connect(settings.redis_url or "")
-    keys = deployment_keys(settings.namespace, settings.shards, settings.redis_url)
-    scheduler_id = scheduler_id or settings.scheduler_id or new_instance_id("scheduler")
-    schedulers = [Scheduler(settings, redis=redis, scheduler_id=scheduler_id, keys=keys.for_shard(shard))
-                  for shard in shard_ids]
-    logger.info("scheduler serving shards=%s of %d scheduler_id=%s", shard_ids, settings.shards, scheduler_id)
-    try:
-        readies = [anyio.Event() for _ in schedulers]
-        async with anyio.create_task_group() as tg:
-            for scheduler, shard_ready in zip(schedulers, readies):
-                tg.start_soon(partial(scheduler.run, stop=stop, ready=shard_ready))
-            for shard_ready in readies:
-                await shard_ready.wait()
-            if ready is not None:
-                ready.set()
-    finally:
-        with anyio.move_on_after(3, shield=True):
-            await redis.aclose()
-    return schedulers[0]
-
-
-def run_scheduler(settings: SchedulerSettings) -> int:
-    """Blocking entry point of ``alignq scheduler``: 0 after a clean shutdown."""
-    started = time.monotonic()
-    anyio.run(serve_scheduler, settings)
-    logger.info("scheduler exited after %.1f s", time.monotonic() - started)
-    return 0
