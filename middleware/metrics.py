@@ -13,8 +13,8 @@ process would see only its share. The mechanism:
 3. The gateway's ``GET /metrics`` (``render_metrics``) reads that hash plus live queue state (pending
    requests and the oldest one's age, stream lengths, live instances from heartbeats) and renders
    the Prometheus text format. One scrape target shows the deployment.
-4. ``ALIGNQ_METRICS_PORT``: a process that sets it also serves its own totals (this process only) on
-   that port (``maybe_start_process_exporter``).
+4. ``ALIGNQ_METRICS_PORT``: a process that sets it also serves its own metrics on that port
+   (``middleware.runtime.exporter``).
 
 Workers never import ``middleware``; their numbers (samples, tokens, generate and score seconds,
 AISP effective sample size per iteration in ``SampleSet.stats["aisp_ess"]``) reach the telemetry
@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import threading
 import time
 from collections import defaultdict
@@ -53,7 +52,6 @@ from schemas import AlignResult, Keys, Method, ResultStatus, SampleSet
 logger = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-METRICS_PORT_ENV = "ALIGNQ_METRICS_PORT"
 
 SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 COUNT_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
@@ -381,31 +379,3 @@ async def render_metrics(redis: Any, keys: Keys) -> bytes:
     values = await redis.hgetall(keys.metrics)
     decoded = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in values.items()}
     return render_families([*families_from_fields(decoded), *queue_families(await read_queue_state(redis, keys))])
-
-
-# -- per-process exporter -------------------------------------------------------------------------
-class _ProcessCollector:
-    def __init__(self, telemetry: Telemetry) -> None:
-        self._telemetry = telemetry
-
-    def collect(self) -> Iterable[Metric]:
-        with self._telemetry._lock:
-            totals = dict(self._telemetry.totals)
-        return families_from_fields(totals)
-
-
-def maybe_start_process_exporter(telemetry: Telemetry, port: int | None = None) -> int | None:
-    """Serve this process's own totals on ``port`` or ``$ALIGNQ_METRICS_PORT``; returns the port or None."""
-    from prometheus_client import start_http_server
-
-    if port is None:
-        raw = os.environ.get(METRICS_PORT_ENV, "").strip()
-        if not raw:
-            return None
-        port = int(raw)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_ProcessCollector(telemetry))
-    server, _ = start_http_server(port, addr=os.environ.get("ALIGNQ_METRICS_ADDR", "127.0.0.1"), registry=registry)
-    bound_port = server.server_address[1]
-    logger.info("process metrics exporter on port=%d", bound_port)
-    return bound_port

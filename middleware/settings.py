@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.keys import parse_shard_ids
 
 
 class SchedulerSettings(BaseSettings):
@@ -14,6 +18,12 @@ class SchedulerSettings(BaseSettings):
     shards: int = Field(default=1, ge=1, le=1024, description="S: requests and jobs spread over S hash-tagged shards (same in every process)")
     redis_min_replicas: int = Field(default=0, ge=0, description="Replicas a submit and an answer wait for (WAIT) before they count")
     shard_ids: str = Field(default="", description="Shards this process consumes, e.g. 0,2 (empty: all of 0..S-1)")
+
+    @model_validator(mode="after")
+    def _check_shard_ids(self) -> Self:
+        parse_shard_ids(self.shard_ids, self.shards)  # a ValueError here is a settings error naming both
+        return self
+
     max_window: int = Field(default=16, ge=1, description="Max prompts in one scheduling window")
     window_ms: int = Field(default=50, ge=0, description="Window closes this long (ms) after its first prompt")
     default_budget: int = Field(default=16, ge=1, description="Samples per prompt when a request sets none")

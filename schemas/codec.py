@@ -58,7 +58,7 @@ def salvage_request_id(data: bytes) -> str | None:
     """Best effort: the request_id of a message that failed validation, so its client gets an error."""
     try:
         obj = decode_raw(data)
-    except Exception:
+    except Exception:  # noqa: BLE001 - best effort on bytes that already failed: any failure means "no id"
         return None
     request_id = obj.get("request_id")
     if isinstance(request_id, str) and 0 < len(request_id) <= 128:

@@ -59,11 +59,11 @@ class NotReplicated(RedisConnectionError):
 class SentinelRedis(aioredis.Redis):
     """The primary's client; closing it closes the connections to the sentinels too."""
 
-    sentinel: Sentinel | None = None
+    watched_by: Sentinel | None = None  # not "sentinel": Redis has a sentinel() command
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
         await super().aclose(close_connection_pool)
-        for client in self.sentinel.sentinels if self.sentinel is not None else ():
+        for client in self.watched_by.sentinels if self.watched_by is not None else ():
             await client.aclose()
 
 
@@ -126,7 +126,7 @@ def sentinel_client(redis_url: str, **options: Any) -> aioredis.Redis:
     sentinel = Sentinel(sentinels, sentinel_kwargs=sentinel_kwargs)
     client = sentinel.master_for(service_name, redis_class=SentinelRedis, db=int(db or 0), password=password,
                                  decode_responses=False, **options)
-    client.sentinel = sentinel
+    client.watched_by = sentinel
     return client
 
 

@@ -44,10 +44,10 @@ from schemas.topology import SENTINEL_SCHEME, cluster_client, is_cluster_url, se
 
 __all__ = [
     "DEAD_LETTER_MAXLEN",
-    "LanedConsumer",
     "REDIS_ERRORS",
     "RENEW_LUA",
     "SOCKET_TIMEOUT_S",
+    "LanedConsumer",
     "StreamConsumer",
     "StreamEntry",
     "connect",

@@ -39,10 +39,13 @@ def render_table() -> str:
     return "\n".join(lines)
 
 
-def write_readme(path: Path = Path(__file__).resolve().parents[1] / "README.md") -> None:
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def write_readme(path: Path = README) -> None:
     """Replace the table between the README's settings-table markers."""
     text = path.read_text()
-    pattern = re.compile(r"(<!-- settings-table -->\n).*?(\n<!-- /settings-table -->)", re.S)
+    pattern = re.compile(r"(<!-- settings-table -->\n).*?(\n<!-- /settings-table -->)", re.DOTALL)
     if not pattern.search(text):
         raise SystemExit("README lacks the settings-table markers")
     path.write_text(pattern.sub(lambda m: m.group(1) + render_table() + m.group(2), text, count=1))

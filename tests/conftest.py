@@ -51,7 +51,7 @@ def pytest_configure(config: pytest.Config) -> None:
     _EMBEDDED_REDIS = server
     TEST_REDIS_URL = f"redis://127.0.0.1:{server.port}/{database}"
     os.environ["ALIGNQ_TEST_REDIS_URL"] = TEST_REDIS_URL
-    print(f"conftest: nothing answered at the test URL; embedded Redis at {TEST_REDIS_URL}")
+    print(f"conftest: nothing answered at the test URL; embedded Redis at {TEST_REDIS_URL}", flush=True)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

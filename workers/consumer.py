@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from schemas import PAYLOAD_FIELD, WORKER_GROUP, Job, Keys, SampleSet, encode
-from schemas.lifecycle import read_heartbeats
 from schemas.keys import LANES_BY_PRIORITY, Lane
+from schemas.lifecycle import read_heartbeats
 from schemas.transport import LanedConsumer, StreamEntry, check_transaction, dead_letter
 
 __all__ = ["JobConsumer", "StreamEntry", "count_workers_on_host", "dead_letter_job", "job_stream_of",

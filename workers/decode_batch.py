@@ -19,7 +19,6 @@ uniform falls on that boundary).
 
 from __future__ import annotations
 
-import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -50,9 +49,13 @@ class FinishedRow:
     is_finished: bool  # stopped at EOS (not at its token limit)
 
 
-@functools.cache
-def _forward_parameters(model_class: type) -> frozenset[str]:
-    return frozenset(inspect.signature(model_class.forward).parameters)
+_FORWARD_PARAMETERS: dict[Any, frozenset[str]] = {}  # per model class: the names forward() takes
+
+
+def _forward_parameters(model_class: Any) -> frozenset[str]:
+    if model_class not in _FORWARD_PARAMETERS:
+        _FORWARD_PARAMETERS[model_class] = frozenset(inspect.signature(model_class.forward).parameters)
+    return _FORWARD_PARAMETERS[model_class]
 
 
 def _forward(model: Any, cache: Any = None, **kwargs: Any) -> tuple[Any, Any]:
@@ -110,7 +113,7 @@ class DecodeBatch:
 
     def _clear(self) -> None:
         self.tags: list[Any] = []  # (R,) the caller's id of each row
-        self.cache: DynamicCache | None = None  # per layer keys, values (R, H, T, D)
+        self.cache: Any = None  # a DynamicCache: per layer keys, values (R, H, T, D)
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # (R, T) 1 on real columns
         self.logits = torch.zeros((0, 0), device=self.device)  # (R, V) next-token logits
         self.position = torch.zeros(0, dtype=torch.long, device=self.device)  # (R,) next position
@@ -227,8 +230,8 @@ class DecodeBatch:
             self.cache = DynamicCache()
             for layer, (keys, values) in enumerate(layers):
                 self.cache.update(keys[:, :, :0], values[:, :, :0], layer)  # creates the layer, copies nothing
-        for layer, (keys, values) in zip(self.cache.layers, layers):
-            layer.keys, layer.values = keys, values
+        for cache_layer, (keys, values) in zip(self.cache.layers, layers):
+            cache_layer.keys, cache_layer.values = keys, values
 
     def _compact(self) -> None:
         """Drop rows that left and the all-padding columns at the left."""

@@ -330,14 +330,17 @@ class Engine:
             if len(scores) != len(flat) or not all(math.isfinite(float(s)) for s in scores):
                 raise ValueError(f"reward returned {len(scores)} scores (or non-finite ones) for {len(flat)}")
             elapsed_s = time.perf_counter() - started
-            rewards, start = [], 0
+            split: list[list[float]] = []
+            start = 0
             for ts in texts:
-                rewards.append([float(s) for s in scores[start:start + len(ts)]])
+                split.append([float(s) for s in scores[start:start + len(ts)]])
                 start += len(ts)
-            return rewards, [None] * len(requests), [elapsed_s * len(ts) / total for ts in texts]
+            return split, [None] * len(requests), [elapsed_s * len(ts) / total for ts in texts]
         except Exception as e:  # noqa: BLE001 - isolate the failing request(s) below
             logger.info("batched scoring failed (%s); scoring request by request", e)
-        rewards, errors, score_s = [], [], []
+        rewards: list[list[float]] = []
+        errors: list[str | None] = []
+        score_s: list[float] = []
         for request, ts in zip(requests, texts):
             started = time.perf_counter()
             try:

@@ -227,7 +227,7 @@ class BatchRunner:
         try:
             text = job.prompt if isinstance(job.prompt, str) else "\n".join(m.content for m in job.prompt)
             vector = [round(float(v), 5) for v in self.reward.embed([text])[0].tolist()]
-        except Exception:  # noqa: BLE001 - the prior is optional: the samples still go back
+        except Exception:
             logger.exception("prompt embedding failed job_id=%s", job.job_id)
             return reply
         return reply.model_copy(update={"stats": {**reply.stats, "prompt_embedding": vector}})
@@ -274,11 +274,8 @@ class BatchRunner:
         return replies  # type: ignore[return-value]
 
     def _run_aisp(self, jobs: Sequence[Job]) -> list[SampleSet]:
-        try:
-            from workers.aisp import AispRequest, run_aisp
-        except ImportError as e:  # an install without AISP still answers every job
-            return [error_sample_set(job, self.worker_id, ErrorCode.INTERNAL, f"AISP is not available: {e}")
-                    for job in jobs]
+        from workers.aisp import AispRequest, run_aisp
+
         requests = [AispRequest(key=job.job_id, prompt=_prompt(job), budget=job.num_samples,
                                 max_new_tokens=job.max_new_tokens, seed=job.seed, metadata=dict(job.metadata),
                                 config=aisp_config(self.aisp_defaults, job.aisp)) for job in jobs]

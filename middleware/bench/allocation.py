@@ -19,8 +19,8 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,13 @@ from middleware.bench.equivalence import (
     saving_from_needed,
 )
 from middleware.errors import UsageError
-from middleware.scheduler.allocation import ALLOCATORS, EmpiricalGains, allocate, greedy_allocate, num_explore_samples
+from middleware.scheduler.allocation import (
+    ALLOCATORS,
+    EmpiricalGains,
+    allocate,
+    greedy_allocate,
+    num_explore_samples,
+)
 
 DEFAULT_METHODS = ("adabon-mc", "adabon-integral", "adabon-gauss", "adabon-eb")
 BASELINES = ("null", "oracle")

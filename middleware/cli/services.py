@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from middleware.errors import ServiceError, UsageError
+from middleware.runtime.exporter import maybe_start_process_exporter
 from middleware.runtime.launcher import Launcher
 from middleware.settings import GatewaySettings, SchedulerSettings
 
@@ -92,7 +93,9 @@ def build_settings(settings_type: type, args: argparse.Namespace, flags: dict[st
         return settings_type(**_overrides(args, flags))
     except ValidationError as e:
         first = e.errors()[0]
-        name = str(first.get("loc", ("?",))[0])
+        if not first.get("loc"):  # a check across fields (e.g. ALIGNQ_SHARD_IDS vs ALIGNQ_SHARDS) names them itself
+            raise UsageError(str(first.get("msg")).removeprefix("Value error, ")) from e
+        name = str(first["loc"][0])
         flag = flags.get(name, (f"ALIGNQ_{name.upper()}",))[0]
         raise UsageError(f"{flag}: {first.get('msg')}") from e
 
@@ -113,7 +116,9 @@ def worker_settings(args: argparse.Namespace, **extra: Any) -> Any:
         return WorkerSettings(**{**_overrides(args, WORKER_FLAGS), **extra})
     except ValidationError as e:
         first = e.errors()[0]
-        name = str(first.get("loc", ("?",))[0])
+        if not first.get("loc"):  # a check across fields names them itself
+            raise UsageError(str(first.get("msg")).removeprefix("Value error, ")) from e
+        name = str(first["loc"][0])
         raise UsageError(f"{WORKER_FLAGS.get(name, (name,))[0]}: {first.get('msg')}") from e
 
 
@@ -215,6 +220,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     settings = build_settings(SchedulerSettings, args, SCHEDULER_FLAGS)
     if not settings.redis_url:
         raise UsageError("no Redis: set ALIGNQ_REDIS_URL or --redis-url (`alignq serve` starts an embedded one)")
+    maybe_start_process_exporter()  # ALIGNQ_METRICS_PORT; each Scheduler adds its totals
     return run_scheduler(settings)
 
 
@@ -225,6 +231,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = worker_settings(args)
     if not settings.redis_url:
         raise UsageError("no Redis: set ALIGNQ_REDIS_URL or --redis-url (`alignq serve` starts an embedded one)")
+    maybe_start_process_exporter()  # ALIGNQ_METRICS_PORT: the worker process's CPU, memory, GC
     return run_worker(settings)
 
 

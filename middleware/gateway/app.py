@@ -37,7 +37,13 @@ from middleware.gateway.http import BodyLimitMiddleware, HttpMetricsMiddleware, 
 from middleware.gateway.routes import router
 from middleware.gateway.tenants import TenantDirectory
 from middleware.gateway.tracing import add_tracing
-from middleware.metrics import CONTENT_TYPE, Telemetry, count_live, render_metrics
+from middleware.metrics import (
+    CONTENT_TYPE,
+    Telemetry,
+    count_live,
+    render_metrics,
+)
+from middleware.runtime.exporter import maybe_start_process_exporter
 from middleware.settings import GatewaySettings
 from schemas import Keys
 from schemas.lifecycle import write_heartbeat
@@ -63,6 +69,7 @@ def create_app(settings: GatewaySettings, *, redis: aioredis.Redis | None = None
                                   default_budget=settings.default_budget, num_shards=settings.shards,
                                   min_replicas=settings.redis_min_replicas)
         app.state.telemetry = Telemetry(connection, keys)
+        maybe_start_process_exporter(app.state.telemetry)  # ALIGNQ_METRICS_PORT, if set
         app.state.redis = connection
         async with anyio.create_task_group() as tg:
             tg.start_soon(app.state.telemetry.run)

@@ -65,7 +65,20 @@ class StreamOptions(BaseModel):
     include_usage: Flag = False
 
 
-class AlignqFields(BaseModel):
+class RequestKnobs(BaseModel):
+    """The AlignRequest fields every body spells the same way (None: the deployment's default)."""
+
+    method: Method | None = None
+    budget: Budget | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    priority: Priority | None = None
+    deadline_ms: DeadlineMs | None = None
+    seed: Seed | None = None
+    metadata: Metadata | None = None
+
+
+class AlignqFields(RequestKnobs):
     """The fields both completion endpoints share: OpenAI's sampling knobs and alignq's own."""
 
     model_config = ConfigDict(extra="ignore")
@@ -74,16 +87,8 @@ class AlignqFields(BaseModel):
         default="alignq", description="a model live workers serve; alignq, default or empty: the default model")
     n: Annotated[int, Field(ge=1, le=MAX_CHOICES), Number] = 1
     max_tokens: NewTokens | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    seed: Seed | None = None
     stream: Flag = False
     stream_options: StreamOptions | None = None
-    budget: Budget | None = None
-    method: Method | None = None
-    priority: Priority | None = None
-    deadline_ms: DeadlineMs | None = None
-    metadata: Metadata | None = None
     request_id: CallerRequestId | None = None
     #: how progress shows in a stream: chunks with empty ``choices`` and an ``alignq`` field
     #: (default), SSE comments (invisible to strict clients), or nothing.
@@ -176,22 +181,14 @@ class AispBody(BaseModel):
     horizon_tokens: NewTokens | None = None
 
 
-class RequestDefaults(BaseModel):
+class RequestDefaults(RequestKnobs):
     """AlignRequest fields for every item of a batch; an item's own fields win."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: ModelName | None = None
-    method: Method | None = None
-    budget: Budget | None = None
     max_new_tokens: NewTokens | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    priority: Priority | None = None
-    deadline_ms: DeadlineMs | None = None
-    seed: Seed | None = None
     aisp: AispBody | None = None
-    metadata: Metadata | None = None
 
 
 class BatchItem(RequestDefaults):

@@ -34,6 +34,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from middleware.metrics import Telemetry
+from middleware.runtime.exporter import maybe_start_process_exporter
 from middleware.scheduler.core import Answer, CoreConfig, Plan, SchedulerCore, error_result
 from middleware.scheduler.tracing import SchedulerTracing
 from middleware.settings import SchedulerSettings
@@ -117,6 +118,7 @@ class Scheduler:
         self.core = SchedulerCore(CoreConfig.from_settings(settings, self.scheduler_id))
         self.requests = StreamConsumer(self.redis, self.keys.requests, SCHEDULER_GROUP, self.scheduler_id)
         self.telemetry = telemetry or Telemetry(self.redis, self.keys)
+        maybe_start_process_exporter(self.telemetry)  # ALIGNQ_METRICS_PORT, if set
         self._answer_script = self.redis.register_script(ANSWER_LUA)
         self.tracing = SchedulerTracing(self.scheduler_id)
         self._samples_stream = self.keys.samples(self.scheduler_id)

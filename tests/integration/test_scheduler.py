@@ -24,12 +24,11 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from middleware.runtime.launcher import alignq_command
 from middleware.client import Client
 from middleware.runtime.embedded_redis import EmbeddedRedis
+from middleware.runtime.launcher import alignq_command
 from middleware.scheduler.service import ANSWER_LUA, Scheduler
 from middleware.settings import SchedulerSettings
-from schemas.transport import StreamConsumer
 from schemas import (
     PAYLOAD_FIELD,
     SCHEDULER_GROUP,
@@ -50,6 +49,7 @@ from schemas import (
     decode,
     encode,
 )
+from schemas.transport import StreamConsumer
 
 pytestmark = pytest.mark.anyio
 KEYS = Keys("alignq")

@@ -6,8 +6,8 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from schemas.transport import StreamConsumer, dead_letter
 from schemas import PAYLOAD_FIELD, DeadLetter, Keys, decode
+from schemas.transport import StreamConsumer, dead_letter
 
 pytestmark = pytest.mark.anyio
 KEYS = Keys("t")

@@ -14,10 +14,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from middleware.metrics import (
     Telemetry,
     families_from_fields,
-    maybe_start_process_exporter,
     render_families,
     render_metrics,
 )
+from middleware.runtime.exporter import maybe_start_process_exporter
 from schemas import (
     AlignResult,
     ErrorCode,

@@ -12,7 +12,7 @@ README = (ROOT / "README.md").read_text()
 
 def test_settings_table_matches_settings_classes() -> None:
     render_table = runpy.run_path(str(ROOT / "scripts" / "settings_table.py"))["render_table"]
-    match = re.search(r"<!-- settings-table -->\n(.*?)\n<!-- /settings-table -->", README, re.S)
+    match = re.search(r"<!-- settings-table -->\n(.*?)\n<!-- /settings-table -->", README, re.DOTALL)
     assert match, "README lacks the settings table markers"
     assert match.group(1).strip() == render_table().strip(), "run: .venv/bin/python scripts/settings_table.py"
 

@@ -31,7 +31,7 @@ from schemas import (
 
 
 def make_request(**overrides: object) -> AlignRequest:
-    fields: dict[str, object] = dict(prompt="What is 2+2?", budget=8, metadata={"answer": "4"})
+    fields: dict[str, object] = {"prompt": "What is 2+2?", "budget": 8, "metadata": {"answer": "4"}}
     fields.update(overrides)
     return AlignRequest(**fields)
 
@@ -90,8 +90,8 @@ def test_oversize_payload() -> None:
         decode(AlignRequest, b"\x00" * 100, max_bytes=10)
 
 
-@pytest.mark.parametrize("bad", [dict(prompt=""), dict(prompt="   "), dict(budget=0), dict(method="beam"),
-                                 dict(request_id="has space"), dict(prompt=[])])
+@pytest.mark.parametrize("bad", [{"prompt": ""}, {"prompt": "   "}, {"budget": 0}, {"method": "beam"},
+                                 {"request_id": "has space"}, {"prompt": []}])
 def test_bad_requests_rejected(bad: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         make_request(**bad)

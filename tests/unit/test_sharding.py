@@ -88,10 +88,22 @@ async def test_sentinel_and_cluster_urls_build_clients_or_say_what_is_wrong() ->
     client = sentinel_client("redis+sentinel://:pw@127.0.0.1:26379,127.0.0.1:26380/mymaster/2")
     kwargs = client.connection_pool.connection_kwargs
     assert client.connection_pool.service_name == "mymaster" and kwargs["db"] == 2 and kwargs["password"] == "pw"
-    assert [s.connection_pool.connection_kwargs["port"] for s in client.sentinel.sentinels] == [26379, 26380]
+    assert [s.connection_pool.connection_kwargs["port"] for s in client.watched_by.sentinels] == [26379, 26380]
     await client.aclose()
     with pytest.raises(ValueError, match="service name"):
         sentinel_client("redis+sentinel://127.0.0.1:26379")
     assert is_cluster_url("redis+cluster://a:1") and not is_cluster_url("redis://a:1")
     with pytest.raises(ValueError, match="only db 0"):
         cluster_client("redis+cluster://127.0.0.1:7000/3")
+
+
+def test_settings_reject_shard_ids_outside_the_shards() -> None:
+    from pydantic import ValidationError
+
+    from middleware.settings import SchedulerSettings
+    from workers.settings import WorkerSettings
+
+    assert SchedulerSettings(shards=3, shard_ids="0,2").shard_ids == "0,2"
+    for settings in (SchedulerSettings, WorkerSettings):
+        with pytest.raises(ValidationError, match="outside 0..2"):
+            settings(shards=3, shard_ids="3")
