@@ -88,7 +88,7 @@ def test_dockerfile_copies_files_that_exist_and_installs_the_project() -> None:
     for package in ("schemas", "middleware", "workers"):
         assert any(package in args[0] for args in copies), f"the image lacks {package}/"
     assert re.search(r"pip install .*torch==\$\{TORCH_VERSION\}", dockerfile) and "ARG TORCH_VERSION=2.13.0" in dockerfile
-    assert re.search(r"^RUN pip install \. ", dockerfile, re.MULTILINE)
+    assert re.search(r"^RUN pip install (\.|\"\.\[[a-z,]*\]\") ", dockerfile, re.MULTILINE), "the image installs the project"
     assert 'ENTRYPOINT ["alignq"]' in dockerfile
 
 
