@@ -11,8 +11,9 @@ submitted at once (one scheduling window), waves one after the other. Variants:
     deadline       method bon with ``deadline_ms`` on every request: the scheduler picks one or two rounds
                    from its measured round time (``middleware.scheduler.deadline``)
 
-Per variant: mean best reward with a 95% interval (bootstrap over prompts), p50 and p95 of submit →
-result latency, samples used. The figure to read is the trade-off: what reward each extra round buys
+Per variant: mean best reward with a 95% interval (bootstrap over prompts; requests answered without a
+response, e.g. past their deadline before any sample, are counted in ``num_failed``), p50 and p95 of
+submit → result latency, samples used. The figure to read is the trade-off: what reward each extra round buys
 and what it costs at p95.
 """
 
@@ -74,13 +75,17 @@ def _prompts(path: str, count: int) -> list[Any]:
 def summarize_variant(rewards: list[float], latencies_s: list[float], samples: list[int], *,
                       rng: np.random.Generator) -> dict[str, Any]:
     """Mean reward [95% bootstrap interval over prompts], p50/p95 latency, mean samples used."""
-    values = np.asarray(rewards, dtype=np.float64)
+    every = np.asarray(rewards, dtype=np.float64)
+    values = every[np.isfinite(every)]  # answered with a response; the rest count in num_failed
+    if values.size == 0:
+        values = np.zeros(1)
     means = values[rng.integers(0, values.size, (1000, values.size))].mean(axis=1)
     ordered = sorted(latencies_s)
     return {"mean_reward": float(values.mean()), "mean_reward_ci": [float(np.quantile(means, 0.025)),
                                                                     float(np.quantile(means, 0.975))],
             "p50_s": percentile(ordered, 50), "p95_s": percentile(ordered, 95),
-            "mean_samples": float(np.mean(samples)), "num_requests": len(rewards)}
+            "mean_samples": float(np.mean(samples)), "num_requests": len(rewards),
+            "num_failed": int(np.sum(~np.isfinite(every)))}
 
 
 async def _run_variant(redis_url: str, namespace: str, prompts: list[Any], fields: dict[str, Any],
@@ -89,6 +94,7 @@ async def _run_variant(redis_url: str, namespace: str, prompts: list[Any], field
 
     from middleware.bench.throughput_modes import _await_result, _wait_for_heartbeats
     from middleware.client import Client
+    from middleware.errors import RequestFailed
 
     rewards, latencies, samples = [], [], []
     async with Client(redis_url, namespace=namespace, max_pending=100_000, poll_interval_s=0.2) as client:
@@ -102,7 +108,10 @@ async def _run_variant(redis_url: str, namespace: str, prompts: list[Any], field
                                        seed=args.seed + start + i, **fields) for i, p in enumerate(wave)]
 
             async def wait_one(request_id: str) -> None:
-                result = await _await_result(client, request_id, launcher, args.timeout_s)
+                try:
+                    result = await _await_result(client, request_id, launcher, args.timeout_s)
+                except RequestFailed as e:  # e.g. its deadline passed before any sample was scored
+                    result = e.result
                 latencies.append(time.perf_counter() - submitted_s)
                 rewards.append(float(result.reward) if result.reward is not None else float("nan"))
                 samples.append(result.samples_used)
@@ -156,9 +165,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"B={args.budget}, {len(prompts)} prompts in waves of {args.concurrency}, "
               f"{args.max_new_tokens} tokens, deadline variant {args.deadline_ms} ms")
-        print(f"{'variant':<14} {'reward [95% CI]':<28} {'p50 s':>7} {'p95 s':>7} {'samples':>8}")
+        print(f"{'variant':<14} {'reward [95% CI]':<28} {'p50 s':>7} {'p95 s':>7} {'samples':>8} {'failed':>6}")
         for name, row in report["variants"].items():
             low, high = row["mean_reward_ci"]
             print(f"{name:<14} {row['mean_reward']:.4f} [{low:.4f}, {high:.4f}]   {row['p50_s']:>7.2f} "
-                  f"{row['p95_s']:>7.2f} {row['mean_samples']:>8.1f}")
+                  f"{row['p95_s']:>7.2f} {row['mean_samples']:>8.1f} {row['num_failed']:>6}")
     return 0

@@ -218,6 +218,8 @@ def build_pool(prompts_path: str | Path, out_path: str | Path, *, num_samples: i
     """
     prompts = read_prompts(prompts_path)
     out_path = Path(out_path)
+    if out_path.suffix == ".gz":
+        raise PoolError(f"{out_path} is compressed: gunzip it, build into the .jsonl, then gzip it again")
     header = {"alignq_pool": POOL_FORMAT_VERSION, "kind": "model", "model": model, "reward": reward,
               "prompts": str(prompts_path), "num_samples": num_samples, "max_new_tokens": max_new_tokens,
               "temperature": temperature, "top_p": top_p, "seed": seed,
