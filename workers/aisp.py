@@ -1,8 +1,8 @@
 """AISP: adaptive importance sampling on pre-logits (DESIGN.md §4), batched over prompts.
 
 Boundary: this module loops; the importance math lives in ``workers.aisp_weights`` (pure
-functions), the hooked decode loop in ``workers.aisp_decode``. It needs a loaded ``Policy`` (any Hugging Face causal LM with an output-embedding
-head) and a ``RewardModel``; it never touches Redis.
+functions), the hooked decode loop in ``workers.aisp_decode``. It needs a loaded ``Policy`` (any
+Hugging Face causal LM with an output-embedding head) and a ``RewardModel``; it never touches Redis.
 
 How a batch runs (``run_aisp``):
 1. Requests are grouped so one group's rollouts (Σ n) fit ``max_batch`` rows.
@@ -10,8 +10,8 @@ How a batch runs (``run_aisp``):
    norm ‖z‖ is measured there, which scales a relative σ and the ‖u_t‖ cap.
 3. k iterations: each prompt draws V_i = U + σ ε_i (and, for sampled rollouts, its uniforms) from
    its own seeded generator, every rollout of every prompt is decoded in the same forward passes
-   (cache rows repeated from the prefill), greedily as in the paper or by sampling
-   (``temperature`` > 0), v_t is added to the pre-logit of the t-th generated token for t ≤ τ by a
+   (cache rows repeated from the prefill), greedily (DESIGN.md §4) or sampled as in the paper's
+   Fig. 1 (``temperature`` > 0), v_t is added to the pre-logit of the t-th generated token for t ≤ τ by a
    forward pre-hook on the LM head, rollouts are scored, and U moves to the importance-weighted
    mean (with ``keep_elite``, the best (V, r) so far takes part in every update).
 4. The answer is the best-reward rollout over all n·k.
@@ -58,7 +58,7 @@ class AispConfig:
     standardize_rewards: bool = True  # z-score rewards within each iteration before dividing by λ
     max_u_norm: float | None = 0.4  # cap on ‖u_t‖ relative to mean ‖z‖ (absolute if sigma is); None: no cap
     sigma_decay: float = 0.5  # σ of iteration j is sigma · sigma_decay**j (< 1: explore, then refine)
-    temperature: float = 0.0  # rollout sampling temperature under the perturbation; 0: greedy (the paper)
+    temperature: float = 0.0  # rollout sampling temperature under the perturbation; 0: greedy (the worker: 0.8)
     top_p: float = 1.0  # nucleus of sampled rollouts
     keep_elite: bool = False  # the best (V, r) of all past iterations joins every importance step
 

@@ -3,8 +3,8 @@
 Boundary: tensor code only (no requests, no rewards, no importance math). ``prefill`` runs each
 prompt once and measures its pre-logit norm; ``decode_rollouts`` continues every rollout row of a
 batch in the same forward passes with v_t added to the pre-logit of the t-th generated token for
-t ≤ τ, either greedily (the paper: y is a function of V) or by top-p sampling at uniforms the caller
-draws per row (a row's tokens never depend on its batch).
+t ≤ τ, either greedily (y is a function of V) or by top-p sampling at uniforms the caller draws per
+row (a row's tokens never depend on its batch).
 """
 
 from __future__ import annotations

@@ -164,7 +164,7 @@ def load_policy(spec: str | None = None, *, device: str = "auto", dtype: str = "
         except (OSError, ValueError) as e:
             hint = " (offline: download it first or unset HF_HUB_OFFLINE)" if is_offline() else ""
             raise ModelLoadError(f"cannot load causal LM {spec!r}{hint}: {str(e).splitlines()[0]}") from e
-    model.to(torch_device).eval()
+    model.to(torch_device).eval()  # type: ignore[arg-type]  # transformers types .to() as a wrapped method
     _prepare_tokenizer(tokenizer)
     logger.info("policy loaded name=%s device=%s dtype=%s load_s=%.2f", name, torch_device, torch_dtype,
                 time.perf_counter() - started)

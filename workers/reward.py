@@ -136,7 +136,7 @@ class SequenceClassifierReward:
         for prompt, response in zip(prompts, responses):
             messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
             messages.append({"role": "assistant", "content": response})
-            texts.append(self.tokenizer.apply_chat_template(messages, tokenize=False))
+            texts.append(str(self.tokenizer.apply_chat_template(messages, tokenize=False)))  # tokenize=False: text
         return texts
 
     def score(self, prompts: Sequence[str | list[dict]], responses: Sequence[str],

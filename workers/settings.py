@@ -79,6 +79,6 @@ class WorkerSettings(BaseSettings):
     aisp_max_u_norm: float = Field(default=0.4, ge=0, description="AISP cap on the mean perturbation ‖u_t‖, relative to ‖z‖")
     aisp_lam: float = Field(default=0.3, gt=0, description="AISP softmax temperature λ on (standardised) rewards")
     aisp_alpha: float = Field(default=0.999, ge=0, le=1, description="AISP prior weight α")
-    aisp_temperature: float = Field(default=0.8, ge=0, description="AISP rollout sampling temperature under the perturbation (0: greedy, the paper)")
+    aisp_temperature: float = Field(default=0.8, ge=0, description="AISP rollout sampling temperature under the perturbation (0: greedy)")
     aisp_top_p: float = Field(default=0.95, gt=0, le=1, description="AISP nucleus of sampled rollouts")
     log_level: str = Field(default="INFO", description="Logging level")

@@ -74,9 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sigma-decay", type=float, default=0.5,
                         help="σ of iteration j is sigma · decay^j (default 0.5; 1: constant)")
     parser.add_argument("--no-standardize", action="store_true", help="use raw rewards / λ, not z-scores")
-    parser.add_argument("--temperature", type=float, default=0.0,
-                        help="rollout sampling temperature under the perturbation; 0: greedy (default 0)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus of sampled rollouts (default 1)")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="rollout sampling temperature under the perturbation; 0: greedy (default 0.8, as the worker)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus of sampled rollouts (default 0.95)")
     parser.add_argument("--keep-elite", action="store_true", help="the best (V, r) so far joins every update")
     parser.add_argument("--variant", action="append", default=[], metavar="'NAME key=value ...'",
                         help=f"also run AISP with these settings changed; keys: n, k, {', '.join(AISP_FIELDS)}")

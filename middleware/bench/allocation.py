@@ -349,8 +349,9 @@ def _ci(values: list[float] | None) -> str:
 
 
 def _table(rows: list[BenchRow]) -> str:
-    lines = [f"{'K':>3} {'method':<24} {'BWR med [95% CI]':<22} {'BWR>.5':>6} {'EST/B':>6} "
-             f"{'equiv ×B [95% CI]':<23} {'saving [95% CI]':<23} {'gain/prompt':>11} {'ms':>6}"]
+    header = (f"{'K':>3} {'method':<24} {'BWR med [95% CI]':<22} {'BWR>.5':>6} {'EST/B':>6} "
+              f"{'equiv ×B [95% CI]':<23} {'saving [95% CI]':<23} {'gain/prompt':>11} {'ms':>6}")
+    lines = [header]
     for r in rows:
         saving = f"{r.budget_saving:.3f} {_ci(r.budget_saving_ci)}" if r.budget_saving is not None else "-"
         lines.append(f"{r.k:>3} {r.method:<24} {r.median_bwr:.3f} {_ci(r.median_bwr_ci):<16} "

@@ -107,7 +107,7 @@ async def _run_variant(redis_url: str, namespace: str, prompts: list[Any], field
             ids = [await client.submit(p, budget=args.budget, max_new_tokens=args.max_new_tokens,
                                        seed=args.seed + start + i, **fields) for i, p in enumerate(wave)]
 
-            async def wait_one(request_id: str) -> None:
+            async def wait_one(request_id: str, submitted_s: float = submitted_s) -> None:
                 try:
                     result = await _await_result(client, request_id, launcher, args.timeout_s)
                 except RequestFailed as e:  # e.g. its deadline passed before any sample was scored

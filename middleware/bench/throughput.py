@@ -155,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
                 elif mode == "server":
                     runs[mode].append(backend.run_server(prompts, args))
                 else:
+                    assert local is not None  # loaded above for every local mode
                     runs[mode].append(measure.MODE_RUNNERS[mode](local, prompts, args))
     if {"middleware", "backend", "server"} & set(modes):
         report.setdefault("hardware", {**host_info(), "threads": threads, "device": args.device,

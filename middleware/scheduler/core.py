@@ -278,9 +278,12 @@ class SchedulerCore:
             fraction = self.config.prior_explore_fraction
         time_left = [s.request.deadline_at_ms - now_ms for s in states if s.request.deadline_at_ms is not None]
         if self.config.deadline_rounds and time_left:
-            fraction = choose_explore_fraction(max(s.budget for s in states), min(time_left), self.round_timer,
-                                               explore_fraction=fraction)
+            work = max(s.budget * self._tokens(s) for s in states)  # sample-tokens per prompt, the largest
+            fraction = choose_explore_fraction(work, min(time_left), self.round_timer, explore_fraction=fraction)
         return fraction
+
+    def _tokens(self, state: RequestState) -> int:
+        return state.request.max_new_tokens or self.config.max_new_tokens
 
     def _window_prior(self, explore_rewards: dict[str, list[float]]) -> WindowPrior | None:
         """Predicted spreads for the window's prompts (embedding features only if every prompt has one)."""
@@ -306,7 +309,7 @@ class SchedulerCore:
             return plan
         window.is_planned = True
         if window.launched_at_ms is not None and states:
-            per_prompt = sum(s.num_explore for s in states) / len(states)
+            per_prompt = max(s.num_explore * self._tokens(s) for s in states)  # sample-tokens, the largest
             self.round_timer.record(per_prompt, now_ms - window.launched_at_ms)
         explore_rewards: dict[str, list[float]] = {}
         budgets: dict[str, int] = {}

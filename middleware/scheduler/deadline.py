@@ -2,8 +2,9 @@
 
 Pure, no I/O. A ``bon`` window runs in rounds: stage 1 explores d_i samples per prompt, stage 2 draws
 the allocated a_i. Each round costs a fixed part (queueing, prefill, the reply's trip through Redis)
-plus a part that grows with the samples per prompt in it. The scheduler measures both
-(``RoundTimer``, an exponentially weighted fit of round time against samples per prompt) and picks:
+plus a part that grows with the work per prompt in it: samples × max_new_tokens ("sample-tokens"; the
+largest prompt of the window sets the pace). The scheduler measures both (``RoundTimer``, an
+exponentially weighted fit of round time against sample-tokens per prompt) and picks:
 
     one round   d = B (plain Best-of-N: nothing left to allocate; the request is answered after stage 1)
                 when two rounds of the expected size do not fit before the earliest deadline in the window;
@@ -18,15 +19,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: Until measured: a round costs this much fixed and this much per sample per prompt (CPU, 135M model).
+#: Until measured: a round costs this much fixed and this much per sample-token per prompt (CPU, 135M model).
 DEFAULT_ROUND_FIXED_MS = 150.0
-DEFAULT_ROUND_PER_SAMPLE_MS = 40.0
+DEFAULT_ROUND_PER_SAMPLE_MS = 1.0
 SMOOTHING = 0.2  # weight of the newest round in the running averages
 
 
 @dataclass(slots=True)
 class RoundTimer:
-    """Running estimate of a round's duration: fixed_ms + per_sample_ms · samples per prompt."""
+    """Running estimate of a round's duration: fixed_ms + per_sample_ms · sample-tokens per prompt."""
 
     fixed_ms: float = DEFAULT_ROUND_FIXED_MS
     per_sample_ms: float = DEFAULT_ROUND_PER_SAMPLE_MS
@@ -50,6 +51,8 @@ class RoundTimer:
 def choose_explore_fraction(budget: int, time_left_ms: float | None, timer: RoundTimer, *,
                             explore_fraction: float, max_overdraw: float = 1.25) -> float:
     """The explore fraction for a window whose tightest request has ``time_left_ms`` (None: no deadline).
+
+    ``budget`` is in the timer's unit: B × max_new_tokens for the scheduler (sample-tokens per prompt).
 
     Two rounds take ≈ 2·fixed + per_sample·(d + max a_i) and d + max a_i can reach ``max_overdraw``·B
     (the allocator's cap), whatever d is; one round takes fixed + per_sample·B. So the deadline picks the

@@ -8,7 +8,13 @@ import pytest
 from redis.asyncio import Redis
 
 from middleware.scheduler.prior import RidgeStats, SpreadModel
-from middleware.scheduler.prior_store import add_stats, decode_stats, encode_stats, load_stats, sync_spread_model
+from middleware.scheduler.prior_store import (
+    add_stats,
+    decode_stats,
+    encode_stats,
+    load_stats,
+    sync_spread_model,
+)
 from schemas.keys import Keys
 
 pytestmark = pytest.mark.anyio

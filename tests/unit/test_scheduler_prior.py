@@ -49,7 +49,7 @@ def test_explore_replies_keep_the_prompt_embedding_out_of_result_stats() -> None
 
 def test_a_measured_round_time_turns_a_tight_deadline_into_one_round() -> None:
     core = make_core(default_budget=16, max_window=1)
-    core.round_timer.record(8, 1_000.0)  # measured: a round of 8 samples per prompt takes ~1 s
+    core.round_timer.record(8 * 64, 1_000.0)  # measured: 8 samples × 64 tokens per prompt take ~1 s
     (job,) = admit_all(core, make_request("late", deadline_ms=500)).jobs
     assert job.num_samples == 16  # two rounds cannot fit: the whole budget at once (uniform)
     (job,) = admit_all(core, make_request("free")).jobs
