@@ -137,6 +137,7 @@ def test_ctrl_c_stops_the_workers_and_redis_it_started(tiny_llama_dir: pathlib.P
     finally:
         if process.poll() is None:
             process.kill()
+            process.wait()  # reaped here, not by the garbage collector in a later test
         process.stderr.close()
     assert alignq_children(marker) == []
 

@@ -254,7 +254,9 @@ async def test_worker_keeps_serving_across_a_redis_restart(tiny_llama_dir, monke
             await anyio.sleep(0.3)
             server = EmbeddedRedis(port=server.port)
             server.start()
-            with pytest.raises(aioredis.ConnectionError):  # the test's own pooled connection is stale
+            try:  # the test's own pooled connection is stale: redis-py < 6 raises once, newer ones retry
+                await redis.ping()
+            except aioredis.ConnectionError:
                 await redis.ping()
             [before] = await replies(redis, 1, timeout_s=30)  # published once Redis was back
             await push(redis, make_job("r-after"))
