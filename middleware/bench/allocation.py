@@ -249,7 +249,8 @@ def simulate(rewards: list[np.ndarray], *, ks: list[int], methods: list[str], bu
         rng = np.random.default_rng([seed, k])
         per_batch: dict[str, list[tuple[float, float, float]]] = {s.name: [] for s in [*specs, MethodSpec("null", "null")]}
         means_at: dict[str, list[list[float]]] = {s.name: [] for s in specs}  # (batches, G) mean totals
-        curves, elapsed_s = [], {}  # (batches, 2B) uniform mean totals
+        curves: list[np.ndarray] = []  # (batches, 2B) uniform mean totals
+        elapsed_s: dict[str, float] = {}
         for batch_index in range(num_batches):
             pool_ids, prior_for = sources[batch_index % len(sources)]
             prompts = rng.choice(pool_ids, size=k, replace=False)
@@ -269,6 +270,7 @@ def simulate(rewards: list[np.ndarray], *, ks: list[int], methods: list[str], bu
         for name, metrics in per_batch.items():
             bwr, est, gain = (np.array(v) for v in zip(*metrics))
             q1, median, q3 = np.quantile(bwr, [0.25, 0.5, 0.75])
+            saving: Interval | None
             if name == "null":
                 equivalence, saving = Interval(1.0, 1.0, 1.0), Interval(0.0, 0.0, 0.0)
             else:
@@ -276,8 +278,8 @@ def simulate(rewards: list[np.ndarray], *, ks: list[int], methods: list[str], bu
                 equivalence = budget_equivalence(at[:, at_budget], curve_means, budget, rng=boot)
                 saving = (saving_from_needed(budget_needed(at, np.array(grid), curve_means[:, budget - 1], budget,
                                                            rng=boot)) if len(grid) > 1 else None)
-            spec = next((s for s in specs if s.name == name), None)
-            f = (spec.explore_fraction if spec and spec.explore_fraction else explore_fraction)
+            named = next((s for s in specs if s.name == name), None)
+            f = (named.explore_fraction if named and named.explore_fraction else explore_fraction)
             rows.append(BenchRow(
                 k=k, method=name, budget=budget, median_bwr=float(median), q1_bwr=float(q1), q3_bwr=float(q3),
                 frac_bwr_gt_half=float(np.mean(bwr > 0.5)), median_est=float(np.median(est)),

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -26,6 +26,13 @@ from middleware.scheduler.prior import RidgeStats, WindowPrior, prompt_features,
 logger = logging.getLogger(__name__)
 
 FEATURE_KINDS = ("hash", "embedding")
+
+
+@runtime_checkable
+class _Embedder(Protocol):
+    """A reward model with a sentence encoder (``workers.reward.EmbeddingReward``); isinstance = hasattr."""
+
+    def embed(self, texts: Sequence[str]) -> Any: ...
 
 
 def _prompt_text(prompt: Any) -> str:
@@ -44,8 +51,10 @@ def prompt_embeddings(texts: list[str], reward: str | None = None) -> np.ndarray
 
     spec = reward if reward and reward.startswith("embedding:") else None
     encoder = load_reward(spec, device="cpu")
-    if not hasattr(encoder, "embed"):
+    if not isinstance(encoder, _Embedder):
         encoder = load_reward(None, device="cpu")
+    if not isinstance(encoder, _Embedder):  # the default reward is an EmbeddingReward
+        raise TypeError(f"reward {type(encoder).__name__} has no embed(): cannot embed prompts")
     values = encoder.embed(texts).cpu().numpy().astype(np.float64)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.save(cache, values)

@@ -45,7 +45,6 @@ from middleware.client.admission import (
 from middleware.client.event_router import EventRouter
 from middleware.client.models import ServedModel, check_route, served_models
 from middleware.client.results import ResultWaiting
-from middleware.client.submit_batch import SUBMIT_MANY_LUA, many_arguments, split_replies
 from middleware.errors import BadRequest, Conflict, ConnectionLost, Overloaded, QuotaExceeded
 from schemas import (
     DEFAULT_NAMESPACE,
@@ -186,7 +185,7 @@ class Client(ResultWaiting):
         return self.caller_id(request.request_id)
 
     async def submit_many(self, items: Sequence[str | dict | AlignRequest]) -> list[str]:
-        """Queue many prompts, one script call (per shard) per ``submit_chunk_size`` items.
+        """Queue many prompts, one pipelined round trip per ``submit_chunk_size`` items.
 
         Items are prompts, dicts of AlignRequest fields (with ``prompt``), or AlignRequests. All are
         validated before anything is sent. If the queue fills up, the chunk in flight completes and
@@ -223,16 +222,10 @@ class Client(ResultWaiting):
         return submitted_ids
 
     async def _submit_chunk(self, sha: str, chunk: list[tuple[AlignRequest, bytes]]) -> list[Any]:
-        """One SUBMIT_MANY_LUA call per shard of the chunk (one call in all with one shard)."""
-        by_shard: dict[str, list[int]] = {}  # the shard's pending zset -> positions in the chunk
-        keys = [self._submit_keys(request) for request, _ in chunk]
-        args = [self._submit_args(request, payload) for request, payload in chunk]
-        for position, request_keys in enumerate(keys):
-            by_shard.setdefault(request_keys[0], []).append(position)
         async with self._redis.pipeline(transaction=False) as pipe:
-            for positions in by_shard.values():
-                flat_keys, flat_args = many_arguments([keys[p] for p in positions], [args[p] for p in positions])
-                pipe.evalsha(sha, len(flat_keys), *flat_keys, *flat_args)
+            for request, payload in chunk:
+                keys = self._submit_keys(request)
+                pipe.evalsha(sha, len(keys), *keys, *self._submit_args(request, payload))
             if self.min_replicas > 0:  # same connection: WAIT covers every script of the chunk
                 pipe.execute_command("WAIT", self.min_replicas, WAIT_TIMEOUT_MS)
             replies = await pipe.execute(raise_on_error=False)
@@ -241,16 +234,13 @@ class Client(ResultWaiting):
         if any(isinstance(reply, NoScriptError) for reply in replies):  # SCRIPT FLUSH or a Redis restart
             sha = await self._load_script()
             return await self._submit_chunk(sha, chunk)  # idempotent: accepted items are duplicates now
-        ordered: list[Any] = [None] * len(chunk)
-        for positions, reply in zip(by_shard.values(), replies):
+        for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-            for position, item_reply in zip(positions, split_replies(reply)):
-                ordered[position] = item_reply
-        return ordered
+        return replies
 
     async def _load_script(self) -> str:
-        sha = await self._redis.script_load(SUBMIT_MANY_LUA)
+        sha = await self._redis.script_load(SUBMIT_LUA)
         return sha.decode() if isinstance(sha, bytes) else sha
 
     def _submit_keys(self, request: AlignRequest) -> list[str]:

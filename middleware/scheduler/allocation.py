@@ -250,6 +250,8 @@ def _eb_gains(stats: WindowStats, prior: WindowPrior | None = None) -> GainFn:
     if stats.is_bernoulli:
         successes = np.where(stats.mask, stats.values, 0.0).sum(axis=1)
         trials = stats.sizes.astype(np.float64)
+        alpha0: np.ndarray | float
+        beta0: np.ndarray | float
         if prior is not None and prior.alpha is not None and prior.beta is not None:
             alpha0, beta0 = prior.alpha, prior.beta  # predicted per prompt, from past traffic
         else:
@@ -309,7 +311,7 @@ def build_gains(stats: WindowStats, method: str, rng: np.random.Generator,
 # ---------------------------------------------------------------- the window plan
 
 
-def allocate(explore: Sequence[Sequence[float]], remaining: Sequence[int], *, method: str = "adabon",
+def allocate(explore: Sequence[Sequence[float]], remaining: Sequence[int] | np.ndarray, *, method: str = "adabon",
              seed: int | np.random.Generator = 0, floor_fraction: float = 0.0,
              cap_factor: float | None = None, prior: WindowPrior | None = None) -> np.ndarray:
     """Stage-2 samples per prompt (array form of ``plan_window``): Σ a_i == Σ remaining_i."""

@@ -64,7 +64,7 @@ def prompt_features(text: str, embedding: Sequence[float] | None = None,
     return np.concatenate([length, hashed])
 
 
-def reward_targets(rewards: Sequence[float], is_bernoulli: bool) -> np.ndarray:
+def reward_targets(rewards: Sequence[float] | np.ndarray, is_bernoulli: bool) -> np.ndarray:
     """What the model learns from one prompt's rewards: (log s², mean), or (logit of the smoothed rate,)."""
     values = np.asarray(rewards, dtype=np.float64)
     if is_bernoulli:

@@ -26,11 +26,14 @@ MAX_WATCH_RETRIES = 16
 
 def encode_stats(stats: RidgeStats) -> bytes:
     buffer = io.BytesIO()
-    np.savez(buffer, **stats.to_arrays())
+    # allow_pickle named: else mypy matches the **arrays to it; float arrays only, as decode_stats loads them
+    np.savez(buffer, allow_pickle=False, **stats.to_arrays())
     return buffer.getvalue()
 
 
-def decode_stats(data: bytes) -> RidgeStats:
+def decode_stats(data: bytes | str) -> RidgeStats:
+    if isinstance(data, str):  # what BytesIO would raise: the client must be bytes-mode (decode_responses=False)
+        raise TypeError(f"spread model bytes expected, got {type(data).__name__}")
     with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
         return RidgeStats.from_arrays({name: arrays[name] for name in arrays.files})
 

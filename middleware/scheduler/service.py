@@ -24,10 +24,11 @@ in-flight requests get ``shutdown_grace_s`` to finish; the rest stay un-acked fo
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import anyio
 import redis.asyncio as aioredis
@@ -76,6 +77,7 @@ MAX_BACKOFF_S = 2.0
 ANSWER_TIMEOUT_S = 15.0  # a shielded answer still gives up eventually (the entry stays for reclaim)
 SAMPLES_STREAM_TTL_S = 3_600
 CANCEL_POLL_S = 0.2  # how soon a cancellation stops a window from waiting on the request
+CLEANUP_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, ResponseError)
 
 # KEYS: claim marker, result, events, pending zset, requests stream, kept samples, tenant samples hash.
 # ARGV: request_id, encoded result, encoded terminal event, ttl_s, group, entry_id ('' for none), owner.
@@ -169,7 +171,7 @@ class Scheduler:
                                                        count=1, consumername=self.scheduler_id)
                 if not held:
                     await self.redis.xgroup_delconsumer(self.keys.requests, SCHEDULER_GROUP, self.scheduler_id)
-        except (*REDIS_ERRORS, ResponseError) as e:
+        except CLEANUP_ERRORS as e:
             logger.warning("cleanup failed scheduler_id=%s: %s", self.scheduler_id, e)
         if self._owns_redis:
             await self.redis.aclose()
@@ -186,8 +188,8 @@ class Scheduler:
                 await anyio.sleep(0.02)
                 continue
             count = min(room, self.settings.max_window)
-            entries = await self._retry("read requests", lambda count=count: self.requests.read(
-                count=count, block_ms=READ_BLOCK_MS))
+            entries = await self._retry("read requests", functools.partial(
+                self.requests.read, count=count, block_ms=READ_BLOCK_MS))
             if entries and not stop.is_set():
                 await self._take(entries)
 
@@ -201,10 +203,9 @@ class Scheduler:
 
     async def _samples_loop(self) -> None:
         while True:
-            reply = await self._retry("read samples", lambda: self.redis.xread(
-                {self._samples_stream: self._samples_cursor}, count=256, block=READ_BLOCK_MS))
+            reply = await self._retry("read samples", self._read_samples)
             plan = Plan()
-            for _, entries in reply or []:
+            for _, entries in reply:
                 for entry_id, fields in entries:
                     self._samples_cursor = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
                     try:
@@ -217,6 +218,12 @@ class Scheduler:
             if plan:
                 await self._apply(plan)
 
+    async def _read_samples(self) -> list[list[Any]]:
+        reply = await self.redis.xread({self._samples_stream: self._samples_cursor}, count=256, block=READ_BLOCK_MS)
+        # connect() speaks RESP2: [[stream, [(entry_id, fields), ...]]], or None when the block timed out
+        # (redis-py's XReadResponse also covers RESP3's dict forms)
+        return cast("list[list[Any]]", reply or [])
+
     async def _janitor_loop(self, stop: anyio.Event) -> None:
         interval_s = max(0.1, min(5.0, self.settings.claim_idle_ms / 2000))
         while not stop.is_set():
@@ -226,8 +233,8 @@ class Scheduler:
                 return
             room = self.settings.max_in_flight - self.core.num_in_flight
             if room > 0:
-                entries = await self._retry("claim stale requests", lambda room=room: self.requests.claim_stale(
-                    min_idle_ms=self.settings.claim_idle_ms, count=min(room, 100)))
+                entries = await self._retry("claim stale requests", functools.partial(
+                    self.requests.claim_stale, min_idle_ms=self.settings.claim_idle_ms, count=min(room, 100)))
                 if entries:
                     logger.info("reclaimed %d requests from dead schedulers", len(entries))
                     await self._take(entries, redelivered=True)
@@ -240,8 +247,8 @@ class Scheduler:
             request_ids = list(self.core.requests)
             if not request_ids:
                 continue
-            markers = await self._retry("read cancellations", lambda ids=request_ids: self.redis.mget(
-                [self.keys.cancelled(rid) for rid in ids]))
+            markers = await self._retry("read cancellations", functools.partial(
+                self.redis.mget, [self.keys.cancelled(rid) for rid in request_ids]))
             plan = Plan()
             for request_id, marker in zip(request_ids, markers):
                 if marker is not None and request_id in self.core.requests:

@@ -42,7 +42,7 @@ def normal_cdf(z: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- estimates and value vectors
 
 
-def kde_bandwidth(rewards: Sequence[float], floor: float = ABSOLUTE_BANDWIDTH_FLOOR) -> float:
+def kde_bandwidth(rewards: Sequence[float] | np.ndarray, floor: float = ABSOLUTE_BANDWIDTH_FLOOR) -> float:
     """Scott's rule h = σ̂ · d^(-1/5), at least ``floor`` (one sample or identical rewards)."""
     values = np.asarray(rewards, dtype=np.float64)
     if values.size < 2:
