@@ -32,6 +32,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 import anyio
@@ -76,6 +77,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 READ_BLOCK_MS = 500
+HAND_BACK_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, ResponseError)
 MAX_BACKOFF_S = 5.0
 PUBLISH_GIVE_UP_S = 30.0  # after the grace period a shielded publish stops retrying (jobs stay for reclaim)
 THREAD_CHECK_S = 5.0  # how often an auto-threaded worker recounts the workers on its host
@@ -108,7 +110,11 @@ class Worker:
         default_id = f"{self.hostname}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.worker_id = worker_id or settings.worker_id or default_id
         self._owns_redis = redis is None
-        self.redis = redis or connect(settings.redis_url)
+        if redis is None:
+            if not settings.redis_url:
+                raise ValueError("a worker needs ALIGNQ_REDIS_URL (or a Redis client)")
+            redis = connect(settings.redis_url)
+        self.redis = redis
         self.model_name = initial_model_name(settings)  # None: the openai backend asks its server at load
         self.consumer = self._job_consumer()
         self.runner: BatchRunner | None = None
@@ -219,12 +225,11 @@ class Worker:
             if room <= 0:
                 await self._wait_queue_change(READ_BLOCK_MS / 1000)
                 continue
-            entries = await self._retry("read jobs", lambda room=room: self.consumer.read(
-                count=room, block_ms=READ_BLOCK_MS))
+            entries = await self._retry("read jobs", partial(self.consumer.read, count=room,
+                                                             block_ms=READ_BLOCK_MS))
             while entries and len(entries) < room:  # a burst: take what is already waiting, without blocking
                 missing = room - len(entries)
-                more = await self._retry("read jobs", lambda n=missing: self.consumer.read(count=n,
-                                                                                         block_ms=None))
+                more = await self._retry("read jobs", partial(self.consumer.read, count=missing, block_ms=None))
                 if not more:
                     break
                 entries += more
@@ -240,8 +245,8 @@ class Worker:
                 continue
             # XAUTOCLAIM would take our own entries too if they looked idle: freshen them first
             await self._retry("renew leases", self._renew_leases)
-            entries = await self._retry("reclaim jobs", lambda room=room: self.consumer.claim_stale(
-                min_idle_ms=self.settings.claim_idle_ms, count=room))
+            entries = await self._retry("reclaim jobs", partial(self.consumer.claim_stale,
+                                                                min_idle_ms=self.settings.claim_idle_ms, count=room))
             if entries:
                 self.stats.num_reclaimed += len(entries)
                 logger.info("reclaimed %d jobs from dead workers worker_id=%s", len(entries), self.worker_id)
@@ -536,7 +541,7 @@ class Worker:
                 await self.consumer.hand_back(entry_ids, idle_ms=self.settings.claim_idle_ms)
                 self.stats.num_handed_back += len(entry_ids)
                 logger.info("handed back %d queued jobs worker_id=%s", len(entry_ids), self.worker_id)
-            except (*REDIS_ERRORS, ResponseError) as e:
+            except HAND_BACK_ERRORS as e:
                 logger.warning("could not hand back %d jobs (reclaimed after claim_idle_ms): %s",
                                len(entry_ids), e)
 
