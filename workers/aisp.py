@@ -215,6 +215,13 @@ def _sampling(active: list[tuple[int, _Chain]], max_steps: int) -> tuple[torch.T
     return (torch.tensor(temperature), torch.tensor(top_p), torch.cat(uniforms))
 
 
+def _draw(chain: _Chain, width: int) -> torch.Tensor:
+    """V_i = U + σ ε_i for the chain's n rollouts, from its own generator: (n, τ, d)."""
+    assert chain.mean is not None, "a chain's mean is set when its prompt is prefilled"
+    noise = torch.randn((chain.num_rollouts, chain.horizon, width), generator=chain.generator)
+    return chain.mean + chain.sigma_abs * noise
+
+
 def _importance_inputs(chain: _Chain, rewards: list[float], draw: torch.Tensor) -> tuple[list[float], torch.Tensor]:
     """This iteration's (rewards, V), with the elite (best so far, before this iteration) appended."""
     if chain.elite is None:
@@ -254,8 +261,7 @@ def _run_group(policy: Any, reward: Any, chains: list[_Chain], state: PrelogitPe
         # 1. V_i = U + σ ε_i from each prompt's own generator: (n, τ, d) per chain
         start = time.perf_counter()
         horizon = max(c.horizon for _, c in active)
-        draws = [c.mean + c.sigma_abs * torch.randn((c.num_rollouts, c.horizon, width), generator=c.generator)
-                 for _, c in active]
+        draws = [_draw(c, width) for _, c in active]
         row_prompt = torch.tensor([p for p, c in active for _ in range(c.num_rollouts)])
         max_tokens = torch.tensor([c.request.max_new_tokens for _, c in active for _ in range(c.num_rollouts)])
         padded = torch.zeros((len(row_prompt), horizon, width))
@@ -272,7 +278,9 @@ def _run_group(policy: Any, reward: Any, chains: list[_Chain], state: PrelogitPe
             chunk = slice(lo, lo + max_batch)
             chunk_tokens, chunk_eos = decode_rollouts(
                 policy, state, prefilled, row_prompt[chunk], padded[chunk], max_tokens[chunk], eos_ids, pad_id,
-                None if sampling is None else tuple(x[chunk].to(policy.device) for x in sampling))
+                None if sampling is None else (sampling[0][chunk].to(policy.device),
+                                               sampling[1][chunk].to(policy.device),
+                                               sampling[2][chunk].to(policy.device)))
             tokens += chunk_tokens
             is_eos += chunk_eos
         texts_flat = tokenizer.batch_decode([[t for t in ids if t not in eos_ids] for ids in tokens],

@@ -13,7 +13,7 @@ import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -51,7 +51,7 @@ def perturb_prelogits(model: torch.nn.Module) -> Iterator[PrelogitPerturbation]:
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output-embedding head: AISP perturbs its input")
     state = PrelogitPerturbation()
-    handle = head.register_forward_pre_hook(state)
+    handle = cast(torch.nn.Module, head).register_forward_pre_hook(state)  # torch types it Tensor | Module
     try:
         yield state
     finally:
@@ -85,6 +85,7 @@ def prefill(policy: Any, state: PrelogitPerturbation, prompts: list[list[int]], 
         output = policy.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
     finally:
         state.capture = False
+    assert state.captured is not None, "the pre-hook captured the prefill's pre-logits"
     hidden = state.captured.float()  # (P, L-1, d)
     state.captured = None
     norms = hidden.norm(dim=-1) * mask

@@ -110,7 +110,7 @@ def merge_raw(raws: Sequence[dict[str, Any]]) -> dict[str, Any]:
     seeds = [m["seeds"] for m in metas]
     prompts = [m["num_prompts"] for m in metas] if by_prompts else None
     merged = copy.deepcopy(raws[0])
-    if by_prompts:
+    if prompts is not None:
         merged["meta"]["num_prompts"] = sum(prompts)
         merged["meta"]["prompt_offset"] = [m.get("prompt_offset", 0) for m in metas]
         merged["greedy"]["rewards"] = [r for raw in raws for r in raw["greedy"]["rewards"]]
