@@ -47,7 +47,8 @@ class PrelogitPerturbation:
 @contextmanager
 def perturb_prelogits(model: torch.nn.Module) -> Iterator[PrelogitPerturbation]:
     """Hook the model's output-embedding head for the duration of the block; removed even on errors."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output-embedding head: AISP perturbs its input")
     state = PrelogitPerturbation()
