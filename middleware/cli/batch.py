@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -33,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 WORKER_START_TIMEOUT_S = 900.0  # loading the default models on a busy 2-core CPU can take minutes
 WATCH_INTERVAL_S = 0.5  # how often a run checks that the processes it started are alive
+INTERRUPT_EXIT_S = 20.0  # after Ctrl-C, the longest a clean shutdown may take before the process exits anyway
 INPUT_FIELDS = ("prompt", "request_id", "budget", "method", "max_new_tokens", "temperature", "top_p", "priority",
                 "deadline_ms", "seed", "metadata", "aisp", "model")
 
@@ -183,8 +187,11 @@ async def _collect(settings: SchedulerSettings, requests: list[AlignRequest], ou
 
     from middleware.scheduler.process import run_schedulers
 
+    interrupted: list[int] = []
     async with client_for(settings, requests) as client, anyio.create_task_group() as tg:
         stop = anyio.Event()
+        listener = anyio.CancelScope()
+        tg.start_soon(_cancel_on_interrupt, listener, tg.cancel_scope, launcher, interrupted)
         if run_scheduler:
             tg.start_soon(partial(run_schedulers, settings, stop=stop))  # one per shard (ALIGNQ_SHARDS)
         if launcher is not None and launcher.children:
@@ -198,7 +205,30 @@ async def _collect(settings: SchedulerSettings, requests: list[AlignRequest], ou
         finally:
             bar.close()
         stop.set()
+        listener.cancel()  # the run is over: Ctrl-C is no longer ours to handle
+    if interrupted:
+        raise KeyboardInterrupt  # exit code 130, after the launcher has stopped what it started
     return 1 if num_errors else 0
+
+
+async def _cancel_on_interrupt(listener: anyio.CancelScope, scope: anyio.CancelScope, launcher: Launcher | None,
+                               interrupted: list[int]) -> None:
+    """Ctrl-C cancels the run at once. A watchdog thread bounds the shutdown: if some step of it hangs,
+    it stops the started processes itself and exits, so Ctrl-C never leaves workers behind."""
+    with listener, anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            interrupted.append(signum)
+            threading.Thread(target=_exit_after, args=(launcher, INTERRUPT_EXIT_S), daemon=True).start()
+            scope.cancel()
+            return
+
+
+def _exit_after(launcher: Launcher | None, delay_s: float) -> None:
+    time.sleep(delay_s)
+    logger.warning("shutdown took over %.0f s: stopping the started processes and exiting", delay_s)
+    if launcher is not None:
+        launcher.__exit__(None, None, None)
+    os._exit(130)
 
 
 async def _watch(launcher: Launcher, stop: anyio.Event) -> None:

@@ -131,7 +131,7 @@ def test_ctrl_c_stops_the_workers_and_redis_it_started(tiny_llama_dir: pathlib.P
         give_up_at = time.monotonic() + 120
         while not any("main() worker" in c for c in alignq_children(marker)) and time.monotonic() < give_up_at:
             time.sleep(0.1)
-        time.sleep(2)
+        time.sleep(float(os.environ.get("CTRL_C_AFTER_S", "2")))
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 130
     finally:
