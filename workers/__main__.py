@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from workers.service import run_worker
+from workers.process import run_worker
 from workers.settings import WorkerSettings
 
 

@@ -1,14 +1,16 @@
-"""The worker service: jobs in from Redis, batched through the engine (or AISP), sample sets out.
+"""The worker service: jobs in from Redis, through the backend, sample sets out.
 
 One task group owns every loop:
 
     intake      XREADGROUP keys.jobs (group "workers"; own pending first), a bounded block, then
-                non-blocking reads while there is room, so a burst of jobs becomes one batch
-    runner      continuous batching (hf): queued jobs join the running decode batch whenever it has
-                free rows (BatchRunner.submit/step_until in a worker thread); each job is published
-                + XACKed (shielded) as soon as it finishes; other backends: whole batches (run)
+                non-blocking reads while there is room, so a burst of jobs becomes one batch;
+                entries are checked on the way in (``workers.admission``)
+    runner      the backend's own batch loop (``workers.backends.batch_loop``): continuous batching
+                on the hf engine (``backends.hf_loop``), overlapping batches on a server
+                (``backends.openai_loop``); replies are published + XACKed (shielded) as they finish
     heartbeat   SET keys.heartbeat("worker", id) PX 3×heartbeat; XCLAIM what we hold (the lease);
                 re-split the host's cores when workers come and go (num_threads 0)
+    cancel      poll the cancelled markers of held requests: queued jobs dropped, running ones cut
     reclaim     XAUTOCLAIM jobs idle > claim_idle_ms (their worker died), dead-letter past max_deliveries
 
 The worker holds at most ``max_batch_jobs`` queued jobs beside the batch in flight, so jobs it cannot
@@ -18,7 +20,8 @@ answered job by job.
 
 Shutdown (``stop`` set, e.g. by SIGTERM): intake and reclaim stop; the batch in flight gets
 ``shutdown_grace_s`` to finish and publish; queued jobs are handed back (made stale at once, so a
-live worker's XAUTOCLAIM takes them); the final publish + XACK is one shielded transaction.
+live worker's XAUTOCLAIM takes them); the final publish + XACK is one shielded transaction. The
+process entry (signals, exit codes) is ``workers.process``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import logging
 import math
 import os
 import socket
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -38,40 +40,20 @@ from typing import Any, TypeVar
 import anyio
 from redis.exceptions import ResponseError
 
-from schemas import (
-    WORKER_GROUP,
-    ErrorCode,
-    Job,
-    SampleSet,
-    SchemaError,
-    decode,
-    now_ms,
-)
+from schemas import Job, SampleSet
 from schemas.keys import parse_shard_ids
-from schemas.lifecycle import heartbeat_value, stop_on_signals
+from schemas.lifecycle import heartbeat_value
 from schemas.topology import deployment_keys
 from schemas.transport import REDIS_ERRORS, SOCKET_TIMEOUT_S, connect, retry_with_backoff
+from workers.admission import admit, answer_expired
 from workers.backends import backend_capabilities, derive_model_name, initial_model_name
-from workers.consumer import (
-    JobConsumer,
-    StreamEntry,
-    count_workers_on_host,
-    dead_letter_job,
-    job_stream_of,
-    publish_replies,
-)
-from workers.jobs import (
-    BatchRunner,
-    HeldJob,
-    error_sample_set,
-    expired_reply,
-    salvage_error_reply,
-    take_batch,
-)
+from workers.cancellation import cancel_loop
+from workers.consumer import JobConsumer, count_workers_on_host, publish_replies
+from workers.jobs import HeldJob
 from workers.settings import WorkerSettings
 from workers.tracing import WorkerTracing
 
-__all__ = ["Worker", "WorkerStats", "run_worker", "serve_worker"]
+__all__ = ["Worker", "WorkerStats", "serve_worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +63,6 @@ HAND_BACK_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, ResponseErro
 MAX_BACKOFF_S = 5.0
 PUBLISH_GIVE_UP_S = 30.0  # after the grace period a shielded publish stops retrying (jobs stay for reclaim)
 THREAD_CHECK_S = 5.0  # how often an auto-threaded worker recounts the workers on its host
-CANCEL_POLL_S = 0.2  # how soon a cancelled request stops costing samples
-STEPS_MAX_S = 1.0  # longest the model thread decodes before the event loop hears from it
 LOADING_TTL_MS = 120_000  # a worker still loading its models counts towards its host's workers this long
 
 
@@ -117,7 +97,7 @@ class Worker:
         self.redis = redis
         self.model_name = initial_model_name(settings)  # None: the openai backend asks its server at load
         self.consumer = self._job_consumer()
-        self.runner: BatchRunner | None = None
+        self.runner: Any = None  # the backend (workers.backends.load_backend)
         self.stats = WorkerStats()
         self.tracing = WorkerTracing(self.worker_id)
         self.queue: list[HeldJob] = []  # held, not started
@@ -125,17 +105,22 @@ class Worker:
         self.max_batch_samples = settings.max_batch_samples or 4 * settings.max_batch
         self.num_threads = 0  # torch threads wanted; applied in the model thread before each batch
         self._queue_changed = anyio.Event()
-        self._stopping = False
+        self.stopping = False
         self._give_up_publish_at = math.inf
         self._is_batch_abandoned = False
+
+    @property
+    def is_batch_abandoned(self) -> bool:
+        """Shutdown gave up on the batch in flight: its model thread may still run (workers.process)."""
+        return self._is_batch_abandoned
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def run(self, *, stop: anyio.Event, ready: anyio.Event | None = None) -> None:
         """Load the models, then serve until ``stop``; drain for up to ``shutdown_grace_s``."""
         try:
-            await self._retry("create group", self.consumer.ensure_group)
+            await self.retry("create group", self.consumer.ensure_group)
             await self._load_models()
-            await self._retry("heartbeat", self._beat)
+            await self.retry("heartbeat", self._beat)
             logger.info("worker ready worker_id=%s threads=%d max_batch_jobs=%d max_batch_samples=%d",
                         self.worker_id, self.num_threads, self.settings.max_batch_jobs,
                         self.max_batch_samples)
@@ -144,7 +129,7 @@ class Worker:
             done = {name: anyio.Event() for name in ("intake", "reclaim", "runner")}
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._heartbeat_loop)
-                tg.start_soon(self._cancel_loop)
+                tg.start_soon(cancel_loop, self)
                 tg.start_soon(_run_then_set, self._intake_loop, done["intake"])
                 tg.start_soon(_run_then_set, self._reclaim_loop, done["reclaim"])
                 tg.start_soon(_run_then_set, self._runner_loop, done["runner"])
@@ -169,9 +154,9 @@ class Worker:
 
     async def _drain(self, done: dict[str, anyio.Event]) -> None:
         """Stop taking work; give the batch in flight the grace period; hand back what never started."""
-        self._stopping = True
+        self.stopping = True
         self._give_up_publish_at = anyio.current_time() + self.settings.shutdown_grace_s + PUBLISH_GIVE_UP_S
-        self._notify()
+        self.notify()
         logger.info("stopping worker_id=%s in_flight=%d queued=%d grace_s=%.1f", self.worker_id,
                     len(self.in_flight), len(self.queue), self.settings.shutdown_grace_s)
         with anyio.move_on_after(self.settings.shutdown_grace_s):
@@ -191,17 +176,17 @@ class Worker:
 
         loading_key = self.keys.heartbeat("worker-loading", self.worker_id)
         value = self._heartbeat_value()
-        await self._retry("register", lambda: self.redis.set(loading_key, value, px=LOADING_TTL_MS))
+        await self.retry("register", lambda: self.redis.set(loading_key, value, px=LOADING_TTL_MS))
         self.num_threads = configure_threads(self.settings.num_threads, await self._workers_on_host())
         started = time.perf_counter()
         self.runner = await anyio.to_thread.run_sync(self._build_runner)
         if self.model_name is None:  # named after the model the server reports
             self.model_name = derive_model_name(getattr(self.runner, "server_model", None))
             self.consumer = self._job_consumer()
-            await self._retry("create group", self.consumer.ensure_group)
+            await self.retry("create group", self.consumer.ensure_group)
         logger.info("models loaded worker_id=%s load_s=%.1f threads=%d", self.worker_id,
                     time.perf_counter() - started, self.num_threads)
-        await self._retry("register", lambda: self.redis.delete(loading_key))
+        await self.retry("register", lambda: self.redis.delete(loading_key))
 
     def _job_consumer(self) -> JobConsumer:
         """Jobs of our model's streams, and of the default model's when we serve it (every lane)."""
@@ -220,140 +205,50 @@ class Worker:
 
     # -- loops ------------------------------------------------------------------------------------
     async def _intake_loop(self) -> None:
-        while not self._stopping:
+        while not self.stopping:
             room = self._room()
             if room <= 0:
-                await self._wait_queue_change(READ_BLOCK_MS / 1000)
+                await self.wait_queue_change(READ_BLOCK_MS / 1000)
                 continue
-            entries = await self._retry("read jobs", partial(self.consumer.read, count=room,
+            entries = await self.retry("read jobs", partial(self.consumer.read, count=room,
                                                              block_ms=READ_BLOCK_MS))
             while entries and len(entries) < room:  # a burst: take what is already waiting, without blocking
                 missing = room - len(entries)
-                more = await self._retry("read jobs", partial(self.consumer.read, count=missing, block_ms=None))
+                more = await self.retry("read jobs", partial(self.consumer.read, count=missing, block_ms=None))
                 if not more:
                     break
                 entries += more
             if entries:
-                await self._admit(entries)
+                await admit(self, entries)
 
     async def _reclaim_loop(self) -> None:
         interval_s = max(0.05, self.settings.claim_idle_ms / 2000)
-        while not self._stopping:
+        while not self.stopping:
             await anyio.sleep(interval_s)
             room = self._room()
-            if room <= 0 or self._stopping:
+            if room <= 0 or self.stopping:
                 continue
             # XAUTOCLAIM would take our own entries too if they looked idle: freshen them first
-            await self._retry("renew leases", self._renew_leases)
-            entries = await self._retry("reclaim jobs", partial(self.consumer.claim_stale,
+            await self.retry("renew leases", self._renew_leases)
+            entries = await self.retry("reclaim jobs", partial(self.consumer.claim_stale,
                                                                 min_idle_ms=self.settings.claim_idle_ms, count=room))
             if entries:
                 self.stats.num_reclaimed += len(entries)
                 logger.info("reclaimed %d jobs from dead workers worker_id=%s", len(entries), self.worker_id)
-                await self._admit(entries)
+                await admit(self, entries)
 
     async def _runner_loop(self) -> None:
-        if isinstance(self.runner, BatchRunner):
-            await self._stepping_loop()
-            return
-        await self._overlapping_loop()
+        """The backend's own batch loop: stepping (hf, continuous batching) or overlapping (openai)."""
+        from workers.backends import batch_loop
 
-    async def _overlapping_loop(self) -> None:
-        """A backend without a step API (openai: a server that batches for itself): a batch starts
-        whenever jobs wait and fewer than the backend's ``max_concurrency`` samples are in flight, so
-        batches overlap and the server is not left idle while one batch's last samples finish or
-        are scored."""
-        limit = int(getattr(self.runner, "max_concurrency", 0) or self.max_batch_samples)
-        async with anyio.create_task_group() as tg:
-            while not self._stopping:
-                room = limit - sum(h.job.num_samples for h in self.in_flight)
-                if not self.queue or room <= 0:
-                    await self._wait_queue_change(READ_BLOCK_MS / 1000)
-                    continue
-                batch = take_batch(self.queue, max_jobs=self.settings.max_batch_jobs, max_samples=room)
-                self._notify()  # room for intake
-                batch = await self._answer_expired(batch)
-                if batch:
-                    self.in_flight = [*self.in_flight, *batch]
-                    tg.start_soon(self._run_overlapping_batch, batch)
+        await batch_loop(self.runner)(self)
 
-    async def _run_overlapping_batch(self, batch: list[HeldJob]) -> None:
-        try:
-            jobs = [held.job for held in batch]
-            replies = await anyio.to_thread.run_sync(self._run_in_thread, jobs, abandon_on_cancel=True)
-            self.stats.num_batches += 1
-            self.stats.max_batch_jobs = max(self.stats.max_batch_jobs, len(jobs))
-            if await self._publish([(h.entry_id, h.job, r) for h, r in zip(batch, replies)]):
-                self.stats.num_samples += sum(len(r.samples) for r in replies)
-        finally:
-            self.in_flight = [h for h in self.in_flight if h not in batch]
-            self._notify()  # room for the next batch
-
-    async def _stepping_loop(self) -> None:
-        """Continuous batching: queued jobs join the running decode batch whenever it has free rows,
-        and each job is published the moment it finishes. On shutdown the jobs in flight finish."""
-        runner = self.runner
-        assert isinstance(runner, BatchRunner)
-        while not (self._stopping and not self.in_flight):
-            joining: list[HeldJob] = []
-            if self.queue and not self._stopping and (runner.num_free_rows > 0 or not self.in_flight):
-                # up to max_batch_samples held: samples past the free rows wait inside the engine and
-                # take rows the step they free up, with no hop through the event loop
-                joining = take_batch(self.queue, max_jobs=self.settings.max_batch_jobs,
-                                     max_samples=max(1, self.max_batch_samples - runner.num_rows_held))
-                self._notify()  # room for intake
-                joining = await self._answer_expired(joining)
-            if not joining and not self.in_flight:
-                await self._wait_queue_change(READ_BLOCK_MS / 1000)
-                continue
-            if joining:
-                self.in_flight = [*self.in_flight, *joining]
-                self.stats.num_batches += 1  # times jobs joined the running batch
-                self.stats.max_batch_jobs = max(self.stats.max_batch_jobs, len(self.in_flight))
-            finished = await anyio.to_thread.run_sync(self._steps_in_thread, [h.job for h in joining],
-                                                      abandon_on_cancel=True)
-            if finished:
-                await self._publish_finished(finished)
-
-    def _steps_in_thread(self, joining: list[Job]) -> list[tuple[Job, SampleSet | None]]:
-        """Submit the joining jobs, then decode until some job finishes or new jobs could join."""
+    def apply_threads(self) -> None:
+        """In the model thread, before torch work: the torch thread count this worker is given."""
         import torch
 
-        runner = self.runner
-        assert isinstance(runner, BatchRunner)
         if self.num_threads and torch.get_num_threads() != self.num_threads:
             torch.set_num_threads(self.num_threads)
-        rejected: list[tuple[Job, SampleSet | None]] = list(runner.submit(joining))
-        if rejected:
-            return rejected
-
-        def should_yield() -> bool:  # read from the model thread; a stale answer costs one hop
-            return bool(self.queue) and not self._stopping and runner.num_free_rows > 0
-
-        return runner.step_until(should_yield, max_s=STEPS_MAX_S)
-
-    async def _publish_finished(self, finished: list[tuple[Job, SampleSet | None]]) -> None:
-        """Publish + XACK the finished jobs (a cancelled job, None, is only acked: it was answered)."""
-        by_id = {h.job.job_id: h for h in self.in_flight}
-        held = [(by_id[job.job_id], reply) for job, reply in finished if job.job_id in by_id]
-        try:
-            replies = [(h.entry_id, h.job, reply) for h, reply in held if reply is not None]
-            if replies and await self._publish(replies):
-                self.stats.num_samples += sum(len(reply.samples) for _, _, reply in replies)
-            cancelled = [h for h, reply in held if reply is None]
-            if cancelled:
-                await self._ack_cancelled(cancelled)
-        finally:
-            done = {job.job_id for job, _ in finished}
-            self.in_flight = [h for h in self.in_flight if h.job.job_id not in done]
-
-    def _run_in_thread(self, jobs: list[Job]) -> list[SampleSet]:
-        import torch
-
-        assert self.runner is not None
-        if self.num_threads and torch.get_num_threads() != self.num_threads:
-            torch.set_num_threads(self.num_threads)
-        return self.runner.run(jobs)
 
     async def _heartbeat_loop(self) -> None:
         interval_s = self.settings.heartbeat_ms / 1000
@@ -368,106 +263,12 @@ class Worker:
             except REDIS_ERRORS as e:
                 logger.warning("heartbeat failed worker_id=%s: %s", self.worker_id, e)
 
-    async def _cancel_loop(self) -> None:
-        """Poll the cancelled markers of the jobs we hold (one MGET): queued ones are dropped and acked;
-        the batch in flight drops their rows at its next decode step (``BatchRunner.cancel``)."""
-        while True:
-            await anyio.sleep(CANCEL_POLL_S)
-            held = [*self.queue, *self.in_flight]
-            if not held:
-                continue
-            request_ids = sorted({h.job.request_id for h in held})
-            try:
-                markers = await self.redis.mget([self.keys.cancelled(rid) for rid in request_ids])
-            except REDIS_ERRORS as e:
-                logger.warning("reading cancellations failed worker_id=%s: %s", self.worker_id, e)
-                continue
-            cancelled = {rid for rid, marker in zip(request_ids, markers) if marker is not None}
-            if cancelled:
-                await self._drop_cancelled(cancelled)
-
-    async def _drop_cancelled(self, request_ids: set[str]) -> None:
-        dropped = [h for h in self.queue if h.job.request_id in request_ids]
-        if dropped:
-            self.queue[:] = [h for h in self.queue if h.job.request_id not in request_ids]
-            self._notify()
-            await self._ack_cancelled(dropped)
-            logger.info("dropped %d queued jobs of cancelled requests worker_id=%s", len(dropped), self.worker_id)
-        if self.runner is not None:
-            for held in self.in_flight:
-                if held.job.request_id in request_ids:
-                    self.runner.cancel(held.job.job_id)
-
-    async def _ack_cancelled(self, held: list[HeldJob]) -> None:
-        """The request is answered already: nothing to publish, only the jobs to acknowledge."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for h in held:
-                pipe.xack(job_stream_of(self.keys, h.job), WORKER_GROUP, h.entry_id)
-            await self._retry("ack cancelled", pipe.execute)
-        self.stats.num_cancelled += len(held)
-
     # -- steps ------------------------------------------------------------------------------------
-    async def _admit(self, entries: list[StreamEntry]) -> None:
-        """Decode and check entries; queue the runnable ones, answer or dead-letter the rest."""
-        held_ids = {h.entry_id for h in self.queue} | {h.entry_id for h in self.in_flight}
-        entries = [e for e in entries if e.entry_id not in held_ids]
-        redelivered = [e.entry_id for e in entries if e.is_redelivery]
-        counts = await self._retry("delivery counts", lambda: self.consumer.delivery_counts(redelivered))
-        now = now_ms()
-        admitted = 0
-        expired: list[tuple[str, Job, SampleSet]] = []
-        for entry in entries:
-            if entry.is_redelivery and entry.entry_id not in counts:
-                continue  # acked meanwhile (its first worker finished after all)
-            delivery_count = counts.get(entry.entry_id, 1)
-            payload = entry.payload
-            try:
-                if payload is None:
-                    raise SchemaError(f"entry has no {b'm'!r} field")
-                job = decode(Job, payload)
-            except SchemaError as e:
-                salvaged = salvage_error_reply(payload, self.worker_id, e)
-                await self._dead_letter(entry, f"undecodable job: {e}", payload, reply=salvaged)
-                continue
-            if delivery_count > self.settings.max_deliveries:
-                reason = f"delivered {delivery_count} times (max_deliveries={self.settings.max_deliveries})"
-                reply = error_sample_set(job, self.worker_id, ErrorCode.DELIVERY_EXHAUSTED,
-                                         f"job {reason}: its workers kept dying or stalling")
-                await self._dead_letter(entry, reason, payload, request_id=job.request_id,
-                                        reply=(job.scheduler_id, reply))
-                continue
-            if job.deadline_at_ms is not None and job.deadline_at_ms <= now:
-                expired.append((entry.entry_id, job, expired_reply(job, self.worker_id, now)))
-                continue
-            self.queue.append(HeldJob(entry.entry_id, job, delivery_count))
-            admitted += 1
-        if expired:
-            self.stats.num_expired += len(expired)
-            logger.info("dropped %d expired jobs before generation worker_id=%s", len(expired),
-                        self.worker_id)
-            await self._publish(expired)
-        if admitted:
-            self._notify()
-
-    async def _answer_expired(self, batch: list[HeldJob]) -> list[HeldJob]:
+    async def answer_expired(self, batch: list[HeldJob]) -> list[HeldJob]:
         """Jobs whose deadline passed while queued are answered now, not generated."""
-        now = now_ms()
-        expired = [h for h in batch if h.job.deadline_at_ms is not None and h.job.deadline_at_ms <= now]
-        if not expired:
-            return batch
-        self.stats.num_expired += len(expired)
-        logger.info("dropped %d expired jobs before generation worker_id=%s", len(expired), self.worker_id)
-        await self._publish([(h.entry_id, h.job, expired_reply(h.job, self.worker_id, now)) for h in expired])
-        return [h for h in batch if h not in expired]
+        return await answer_expired(self, batch)
 
-    async def _dead_letter(self, entry: StreamEntry, reason: str, payload: bytes | None, *,
-                           request_id: str | None = None, reply: tuple[str, SampleSet] | None = None) -> None:
-        await self._retry("dead letter", lambda: dead_letter_job(
-            self.redis, self.keys, entry_id=entry.entry_id, reason=reason, payload=payload,
-            request_id=request_id, reply=reply, stream=entry.stream or None))
-        self.stats.num_dead_letters += 1
-
-    async def _publish(self, replies: list[tuple[str, Job, SampleSet]]) -> bool:
+    async def publish(self, replies: list[tuple[str, Job, SampleSet]]) -> bool:
         """Publish replies and XACK their jobs in one transaction; shielded from cancellation. Retries
         while Redis is away; gives up only during shutdown, PUBLISH_GIVE_UP_S after the grace period
         (the jobs then stay pending and another worker reclaims them)."""
@@ -549,16 +350,16 @@ class Worker:
     def _room(self) -> int:
         return self.settings.max_batch_jobs - len(self.queue)
 
-    def _notify(self) -> None:
+    def notify(self) -> None:
         self._queue_changed.set()
         self._queue_changed = anyio.Event()
 
-    async def _wait_queue_change(self, timeout_s: float) -> None:
+    async def wait_queue_change(self, timeout_s: float = READ_BLOCK_MS / 1000) -> None:
         event = self._queue_changed
         with anyio.move_on_after(timeout_s):
             await event.wait()
 
-    async def _retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+    async def retry(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         return await retry_with_backoff(what, call, max_backoff_s=MAX_BACKOFF_S)
 
 
@@ -575,36 +376,3 @@ async def serve_worker(settings: WorkerSettings, *, stop: anyio.Event | None = N
     worker = worker or Worker(settings)
     await worker.run(stop=stop or anyio.Event(), ready=ready)
     return worker
-
-
-async def _serve_until_signal(settings: WorkerSettings) -> Worker | Exception:
-    """The worker, or the ModelLoadError that stopped it from starting."""
-    from workers.errors import ModelLoadError
-
-    stop = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(stop_on_signals, stop)
-        try:
-            outcome: Worker | Exception = await serve_worker(settings, stop=stop)
-        except ModelLoadError as e:
-            outcome = e
-        tg.cancel_scope.cancel()
-    return outcome
-
-
-def run_worker(settings: WorkerSettings) -> int:
-    """Blocking entry point of ``alignq worker`` (logging configured by the caller): 0 after a clean
-    shutdown, 2 when the models cannot be loaded (the message says why)."""
-    if not settings.redis_url:
-        print("alignq worker: no Redis: set ALIGNQ_REDIS_URL or --redis-url", file=sys.stderr)
-        return 2
-    started = time.monotonic()
-    worker = anyio.run(_serve_until_signal, settings)
-    if isinstance(worker, Exception):
-        print(f"alignq worker: {worker}", file=sys.stderr)
-        return 2
-    logger.info("worker exited after %.1f s", time.monotonic() - started)
-    if worker._is_batch_abandoned:  # its model thread still runs; nothing it would publish is wanted now
-        logging.shutdown()
-        os._exit(0)
-    return 0

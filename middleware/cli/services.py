@@ -226,7 +226,7 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     require_worker_extra()
-    from workers.service import run_worker
+    from workers.process import run_worker
 
     settings = worker_settings(args)
     if not settings.redis_url:

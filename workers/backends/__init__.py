@@ -4,6 +4,7 @@
     replies = backend.run(jobs)                         # one SampleSet per job, in order; never raises
     backend.cancel(job_id)                              # optional: drop a running job's remaining work
     backend.close()                                     # optional: stop background work (shutdown)
+    await batch_loop(backend)(worker)                   # the worker's runner loop for this backend
 
 Two backends, one module each:
 
@@ -12,6 +13,9 @@ Two backends, one module each:
 - ``openai``: any OpenAI-compatible server (vLLM, SGLang, TGI, llama-server). Bon and uniform only;
   the reward still runs in the worker.
 
+Each backend brings the loop that feeds it from the worker's queue: ``hf_loop`` (continuous batching
+on the engine's step API) and ``openai_loop`` (overlapping batches of server calls).
+
 A worker advertises ``capabilities`` in its heartbeat; the client refuses an aisp request for a model
 no live worker has the ``aisp`` capability for (``middleware.client.models.check_route``).
 """
@@ -19,12 +23,13 @@ no live worker has the ``aisp`` capability for (``middleware.client.models.check
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from pathlib import PurePath
 from typing import Any, Protocol, runtime_checkable
 
 from schemas import Job, SampleSet
 
-__all__ = ["BACKENDS", "DEFAULT_MODEL_NAME", "Backend", "backend_capabilities", "derive_model_name",
+__all__ = ["BACKENDS", "DEFAULT_MODEL_NAME", "Backend", "backend_capabilities", "batch_loop", "derive_model_name",
            "initial_model_name", "load_backend"]
 
 BACKENDS = ("hf", "openai")
@@ -78,3 +83,16 @@ def load_backend(settings: Any, *, worker_id: str) -> Any:
     from workers.backends.hf import load_hf_backend
 
     return load_hf_backend(settings, worker_id=worker_id)
+
+
+def batch_loop(backend: Any) -> Callable[[Any], Awaitable[None]]:
+    """The loop a worker runs to feed this backend: ``loop(worker)`` until the worker stops."""
+    from workers.jobs import BatchRunner
+
+    if isinstance(backend, BatchRunner):
+        from workers.backends.hf_loop import stepping_loop
+
+        return stepping_loop
+    from workers.backends.openai_loop import overlapping_loop
+
+    return overlapping_loop
