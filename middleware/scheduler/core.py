@@ -11,20 +11,20 @@ window's remaining Σ(B_i − d_i) samples; a prompt allocated nothing is answer
 after their stage-2 job. ``uniform`` and ``aisp`` requests skip windows: one job each, answered when
 it returns. Sample indices are unique within a request (job offset + position), so replies are
 deduplicated by index and a reclaimed request reuses what is kept instead of regenerating it.
+
+Boundary: this module owns *when* things happen (admission, windows, stages, deadlines). What a job or an
+answer contains is ``middleware.scheduler.results``; how a window's samples are shared (explore fraction,
+prior, allocation) is ``middleware.scheduler.window_plan``; the data it fills is ``middleware.scheduler.plans``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Iterable
-from typing import Any
 
-import numpy as np
-
-from middleware.scheduler.allocation import num_explore_samples, plan_window
-from middleware.scheduler.deadline import RoundTimer, choose_explore_fraction
+from middleware.scheduler.allocation import num_explore_samples
+from middleware.scheduler.deadline import RoundTimer
 from middleware.scheduler.limits import check_limits
 from middleware.scheduler.plans import (
     FINAL_STAGES,
@@ -37,18 +37,20 @@ from middleware.scheduler.plans import (
     Window,
     WindowSummary,
 )
-from middleware.scheduler.prior import (
-    PROMPT_EMBEDDING_STAT,
-    SpreadModel,
-    WindowPrior,
-    model_kind,
-    prompt_features,
-    reward_kind,
-    window_prior,
+from middleware.scheduler.prior import PROMPT_EMBEDDING_STAT, SpreadModel
+from middleware.scheduler.results import (
+    build_job,
+    error_result,
+    final_result,
+    make_job_id,
+    prompt_text,
+    rank_samples,
+    request_error_result,
+    request_seed,
 )
+from middleware.scheduler.window_plan import allocate_window, explore_fraction, sample_tokens
 from schemas import (
     AlignRequest,
-    AlignResult,
     ErrorCode,
     ErrorInfo,
     Event,
@@ -56,39 +58,16 @@ from schemas import (
     Job,
     JobKind,
     Method,
-    ResultStatus,
     Sample,
     SampleSet,
 )
 from schemas.keys import Lane
 
+# Re-exported: callers import the plan types and result helpers from the core.
+__all__ = ["Answer", "CoreConfig", "Plan", "SchedulerCore", "error_result", "make_job_id", "rank_samples",
+           "request_seed"]
+
 logger = logging.getLogger(__name__)
-
-SEED_MASK = 2**63 - 1
-
-
-def prompt_text(prompt: Any) -> str:
-    """A prompt's text: the string, or the chat messages' contents joined."""
-    if isinstance(prompt, str):
-        return prompt
-    return "\n".join(str(getattr(m, "content", None) or (m.get("content", "") if isinstance(m, dict) else "")) for m in prompt)
-
-
-def request_seed(request: AlignRequest) -> int:
-    """The request's seed, or one derived from its id (stable across processes and restarts)."""
-    if request.seed is not None:
-        return request.seed
-    digest = hashlib.blake2b(request.request_id.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") & SEED_MASK
-
-
-def make_job_id(request_id: str, kind: JobKind, sample_offset: int) -> str:
-    return f"{request_id}:{kind.value}:{sample_offset}"
-
-
-def rank_samples(samples: Iterable[Sample]) -> list[Sample]:
-    """Best first: finite rewards descending (ties: lower index), then NaN/inf rewards by index."""
-    return sorted(samples, key=lambda s: (0, -s.reward, s.index) if math.isfinite(s.reward) else (1, 0.0, s.index))
 
 
 class SchedulerCore:
@@ -137,7 +116,8 @@ class SchedulerCore:
             return plan
         error = self.validate(request)
         if error is not None:
-            plan.answers.append(Answer(self._error_result(request, error, now_ms), entry_id))
+            result = request_error_result(request, error, self.config.scheduler_id, now_ms)
+            plan.answers.append(Answer(result, entry_id))
             return plan
         state = RequestState(request=request, entry_id=entry_id, budget=request.budget or self.config.default_budget,
                              seed=request_seed(request), taken_at_ms=now_ms)
@@ -264,40 +244,12 @@ class SchedulerCore:
         self.windows[window.window_id] = window
         window.launched_at_ms = now_ms
         states = sorted((self.requests[rid] for rid in window.request_ids), key=lambda s: -s.request.priority)
-        explore_fraction = self._explore_fraction(states, now_ms)
+        fraction = explore_fraction(self.config, self.spread, self.round_timer, states, now_ms)
         for state in states:
             state.stage = Stage.EXPLORING
-            state.num_explore = num_explore_samples(state.budget, explore_fraction)
+            state.num_explore = num_explore_samples(state.budget, fraction)
             plan.jobs.extend(self._jobs_for(state, JobKind.EXPLORE, 0, state.num_explore, now_ms))
         return plan.extend(self._plan_if_explored(window, now_ms))
-
-    def _explore_fraction(self, states: list[RequestState], now_ms: int) -> float:
-        """The configured f, the smaller prior one once a spread model is fitted, 1.0 when a deadline allows one round."""
-        fraction = self.config.explore_fraction
-        if self.config.spread_prior and self.spread.has_fit:
-            fraction = self.config.prior_explore_fraction
-        time_left = [s.request.deadline_at_ms - now_ms for s in states if s.request.deadline_at_ms is not None]
-        if self.config.deadline_rounds and time_left:
-            work = max(s.budget * self._tokens(s) for s in states)  # sample-tokens per prompt, the largest
-            fraction = choose_explore_fraction(work, min(time_left), self.round_timer, explore_fraction=fraction)
-        return fraction
-
-    def _tokens(self, state: RequestState) -> int:
-        return state.request.max_new_tokens or self.config.max_new_tokens
-
-    def _window_prior(self, explore_rewards: dict[str, list[float]]) -> WindowPrior | None:
-        """Predicted spreads for the window's prompts (embedding features only if every prompt has one)."""
-        states = [self.requests[rid] for rid in explore_rewards]
-        rewards = reward_kind([r for values in explore_rewards.values() for r in values])
-        has_embeddings = all(s.prompt_embedding is not None for s in states)
-        fit = self.spread.fit_for(model_kind(rewards, [0.0] if has_embeddings else None))
-        if fit is None:
-            return None
-        features = np.stack([prompt_features(prompt_text(s.request.prompt), s.prompt_embedding if has_embeddings else None)
-                             for s in states])
-        if features.shape[1] != fit.weights.shape[0]:
-            return None  # another encoder's embeddings: no prior rather than a wrong one
-        return window_prior(fit, features, rewards == "bernoulli")
 
     def _plan_if_explored(self, window: Window, now_ms: int) -> Plan:
         """Stage 2 once every live prompt of the window has its stage-1 replies."""
@@ -309,7 +261,7 @@ class SchedulerCore:
             return plan
         window.is_planned = True
         if window.launched_at_ms is not None and states:
-            per_prompt = max(s.num_explore * self._tokens(s) for s in states)  # sample-tokens, the largest
+            per_prompt = max(s.num_explore * sample_tokens(s, self.config) for s in states)  # sample-tokens, the largest
             self.round_timer.record(per_prompt, now_ms - window.launched_at_ms)
         explore_rewards: dict[str, list[float]] = {}
         budgets: dict[str, int] = {}
@@ -328,7 +280,7 @@ class SchedulerCore:
                                      data={"reward_mean": mean, "reward_std": std, "num_samples": len(rewards)}))
         if not explore_rewards:
             return plan
-        allocation = self._allocate(window, explore_rewards, budgets)
+        allocation = allocate_window(self.config, self.spread, window.window_id, self.requests, explore_rewards, budgets)
         plan.windows.append(WindowSummary(len(explore_rewards), explore_rewards, allocation))
         for rid, num_samples in allocation.items():
             state = self.requests[rid]
@@ -345,46 +297,13 @@ class SchedulerCore:
                 plan.extend(self._answer(state, now_ms))
         return plan
 
-    def _allocate(self, window: Window, explore_rewards: dict[str, list[float]],
-                  budgets: dict[str, int]) -> dict[str, int]:
-        seed_text = ",".join(sorted(explore_rewards)).encode()
-        seed = int.from_bytes(hashlib.blake2b(seed_text, digest_size=8).digest(), "big") & SEED_MASK
-        try:
-            prior = self._window_prior(explore_rewards) if self.config.spread_prior else None
-            return plan_window(explore_rewards, budgets, method=self.config.allocator, seed=seed,
-                               prior=prior)  # type: ignore[arg-type]
-        except ValueError as e:  # a bug or a bad allocator name: fall back to each prompt's own budget
-            logger.error("allocation failed window_id=%d, using each prompt's remaining budget: %s",
-                         window.window_id, e)
-            return {rid: max(0, budgets[rid] - len(rewards)) for rid, rewards in explore_rewards.items()}
-
     # -- jobs and answers ---------------------------------------------------------------------------
     def _jobs_for(self, state: RequestState, kind: JobKind, offset: int, num_samples: int, now_ms: int) -> list[Job]:
         """One job for samples [offset, offset + num_samples), unless kept samples already cover it."""
         ref = JobRef(kind=kind, sample_offset=offset, num_samples=num_samples, issued_at_ms=now_ms)
         if num_samples <= 0 or self._is_covered(state, ref):
             return []
-        request = state.request
-        job = Job(
-            job_id=make_job_id(request.request_id, kind, offset),
-            request_id=request.request_id,
-            scheduler_id=self.config.scheduler_id,
-            kind=kind,
-            prompt=request.prompt,
-            num_samples=num_samples,
-            sample_offset=offset,
-            max_new_tokens=request.max_new_tokens or self.config.max_new_tokens,
-            temperature=self.config.temperature if request.temperature is None else request.temperature,
-            top_p=request.top_p or self.config.top_p,
-            seed=state.seed,
-            aisp=request.aisp,
-            metadata=dict(request.metadata),
-            deadline_at_ms=request.deadline_at_ms,
-            model=request.model,
-            priority=request.priority,
-            traceparent=request.traceparent,
-            created_at_ms=now_ms,
-        )
+        job = build_job(state, self.config, kind, offset, num_samples, now_ms)
         state.jobs[job.job_id] = ref
         return [job]
 
@@ -419,38 +338,5 @@ class SchedulerCore:
         self.drop(state.request_id)
         if self.config.spread_prior and state.request.method == Method.BON:
             self.spread.observe(prompt_text(state.request.prompt), state.finite_rewards, state.prompt_embedding)
-        ranked = rank_samples(state.samples.values())
-        best = ranked[0] if ranked and math.isfinite(ranked[0].reward) else None
-        request = state.request
-        num_explore = sum(1 for i in state.samples if i < state.num_explore) if request.method == Method.BON else 0
-        common: dict[str, Any] = {
-            "request_id": request.request_id, "method": request.method, "samples_used": len(ranked),
-            "num_tokens": sum(s.num_tokens for s in ranked), "samples": ranked,
-            "explore_samples": num_explore, "exploit_samples": len(ranked) - num_explore if request.method == Method.BON else 0,
-            "queued_s": max(0.0, (state.taken_at_ms - request.submitted_at_ms) / 1000),
-            "total_s": max(0.0, (now_ms - request.submitted_at_ms) / 1000),
-            "generate_s": state.generate_s, "score_s": state.score_s, "scheduler_id": self.config.scheduler_id,
-            "stats": dict(state.stats), "completed_at_ms": now_ms,
-        }
-        if best is None:
-            error = partial_error or (state.errors[0] if state.errors else ErrorInfo(
-                code=ErrorCode.REWARD_FAILED, message="no sample has a finite reward"))
-            result = AlignResult(status=ResultStatus.ERROR, error=error, **common)
-        else:
-            status = ResultStatus.PARTIAL if partial_error is not None else ResultStatus.OK
-            result = AlignResult(status=status, response=best.text, reward=best.reward, best_index=best.index,
-                                 **common)
+        result = final_result(state, self.config.scheduler_id, now_ms, partial_error=partial_error)
         return Plan(answers=[Answer(result, state.entry_id, state.stage1_best_reward)])
-
-    def _error_result(self, request: AlignRequest, error: ErrorInfo, now_ms: int) -> AlignResult:
-        return AlignResult(request_id=request.request_id, status=ResultStatus.ERROR, method=request.method,
-                           error=error, total_s=max(0.0, (now_ms - request.submitted_at_ms) / 1000),
-                           scheduler_id=self.config.scheduler_id, completed_at_ms=now_ms)
-
-
-def error_result(request_id: str, error: ErrorInfo, *, scheduler_id: str, now_ms: int,
-                 method: Method | None = None) -> AlignResult:
-    """An error answer for a request known only by its id (bad input, delivery exhausted)."""
-    return AlignResult(request_id=request_id, status=ResultStatus.ERROR, method=method, error=error,
-                       scheduler_id=scheduler_id, completed_at_ms=now_ms)
-

@@ -1,7 +1,7 @@
 """The scheduler core's data: the stages a request goes through, its config, and the plans it returns.
 
 Plain dataclasses (``@dataclass(slots=True)``), no behaviour beyond bookkeeping; ``middleware.scheduler.core``
-fills them, ``middleware.scheduler.service`` executes the plans.
+fills them, ``middleware.scheduler.effects`` executes the plans.
 """
 
 from __future__ import annotations
