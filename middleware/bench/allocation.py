@@ -16,8 +16,6 @@ and the ≥ in EST score) and ``oracle`` (allocation with each prompt's true poo
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -32,6 +30,8 @@ from middleware.bench.equivalence import (
     median_interval,
     saving_from_needed,
 )
+from middleware.bench.report import format_interval as _ci
+from middleware.bench.report import print_report
 from middleware.errors import UsageError
 from middleware.scheduler.allocation import (
     ALLOCATORS,
@@ -346,10 +346,6 @@ def _plot(rows: list[BenchRow], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def _ci(values: list[float] | None) -> str:
-    return f"[{values[0]:.3f}, {values[1]:.3f}]" if values else ""
-
-
 def _table(rows: list[BenchRow]) -> str:
     header = (f"{'K':>3} {'method':<24} {'BWR med [95% CI]':<22} {'BWR>.5':>6} {'EST/B':>6} "
               f"{'equiv ×B [95% CI]':<23} {'saving [95% CI]':<23} {'gain/prompt':>11} {'ms':>6}")
@@ -411,12 +407,8 @@ def run(args: argparse.Namespace) -> int:
               "allocation_ms_256_prompts": timings, "results": [asdict(r) for r in rows]}
     if args.plot:
         _plot(rows, args.plot, f"{args.pool}: B={args.budget}, d={rows[0].num_explore}, {args.batches}×{args.runs}")
-    if args.json:
-        json.dump(report, sys.stdout)
-        sys.stdout.write("\n")
-    else:
-        print(f"pool {args.pool} ({len(rewards)} prompts), B={args.budget}, d={rows[0].num_explore}, "
-              f"{args.batches} batches × {args.runs} runs, {report['elapsed_s']} s")
-        print(_table(rows))
-        print("allocation ms for 256 prompts: " + ", ".join(f"{m} {t:.1f}" for m, t in timings.items()))
+    print_report(report, as_json=args.json, lines=[
+        (f"pool {args.pool} ({len(rewards)} prompts), B={args.budget}, d={rows[0].num_explore}, "
+         f"{args.batches} batches × {args.runs} runs, {report['elapsed_s']} s"),
+        _table(rows), "allocation ms for 256 prompts: " + ", ".join(f"{m} {t:.1f}" for m, t in timings.items())])
     return 0

@@ -20,16 +20,15 @@ and what it costs at p95.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import sys
 import time
 from typing import Any
 
 import numpy as np
 
 from middleware.bench.ingest import percentile, redis_for_bench
+from middleware.bench.report import format_interval, print_report
 from middleware.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -159,15 +158,15 @@ def run(args: argparse.Namespace) -> int:
             report["variants"][name] = {**summarize_variant(rewards, latencies, samples, rng=rng),
                                         "elapsed_s": round(time.perf_counter() - started, 1)}
             logger.info("latency variant=%s %s", name, report["variants"][name])
-    if args.json:
-        json.dump(report, sys.stdout)
-        sys.stdout.write("\n")
-    else:
-        print(f"B={args.budget}, {len(prompts)} prompts in waves of {args.concurrency}, "
-              f"{args.max_new_tokens} tokens, deadline variant {args.deadline_ms} ms")
-        print(f"{'variant':<14} {'reward [95% CI]':<28} {'p50 s':>7} {'p95 s':>7} {'samples':>8} {'failed':>6}")
-        for name, row in report["variants"].items():
-            low, high = row["mean_reward_ci"]
-            print(f"{name:<14} {row['mean_reward']:.4f} [{low:.4f}, {high:.4f}]   {row['p50_s']:>7.2f} "
-                  f"{row['p95_s']:>7.2f} {row['mean_samples']:>8.1f} {row['num_failed']:>6}")
+    print_report(report, as_json=args.json, lines=_table(report, args, len(prompts)))
     return 0
+
+
+def _table(report: dict[str, Any], args: argparse.Namespace, num_prompts: int) -> list[str]:
+    lines = [(f"B={args.budget}, {num_prompts} prompts in waves of {args.concurrency}, "
+              f"{args.max_new_tokens} tokens, deadline variant {args.deadline_ms} ms"),
+             f"{'variant':<14} {'reward [95% CI]':<28} {'p50 s':>7} {'p95 s':>7} {'samples':>8} {'failed':>6}"]
+    for name, row in report["variants"].items():
+        lines.append(f"{name:<14} {row['mean_reward']:.4f} {format_interval(row['mean_reward_ci'], 4)}   "
+                     f"{row['p50_s']:>7.2f} {row['p95_s']:>7.2f} {row['mean_samples']:>8.1f} {row['num_failed']:>6}")
+    return lines
