@@ -11,6 +11,7 @@ requests/s the whole loop reached. Each mode uses its own namespace, deleted aft
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from middleware.bench.ingest import hardware_info, redis_for_bench
 
     runs: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
-    with redis_for_bench(args.redis_url) as redis_url, _SpanSink() as sink:
+    with redis_for_bench(args.redis_url) as redis_url, OtlpReceiver() as sink:
         for repeat in range(args.repeats):
             for mode in ("off", "on"):
                 runs[mode].append(anyio.run(_measure, redis_url, mode, sink.endpoint, args, repeat))
@@ -159,18 +161,35 @@ async def _delete_namespace(redis_url: str, namespace: str) -> None:
         await redis.aclose()
 
 
-class _SpanSink:
-    """An OTLP/HTTP endpoint that accepts every export and drops it (counts them)."""
+class OtlpReceiver:
+    """An OTLP/HTTP trace endpoint on a free loopback port, served from a thread: ``POST /v1/traces``.
 
-    def __init__(self) -> None:
-        sink = self
+    Each export's body (gunzipped) goes to ``on_export`` (none: counted and dropped, as the bench does;
+    the tests' collector decodes the spans). The reply is an empty ExportTraceServiceResponse: zero bytes
+    of protobuf. Other paths get 404.
+    """
+
+    def __init__(self, on_export: Callable[[bytes], None] | None = None) -> None:
+        receiver = self
         self.num_exports = 0
+        self.lock = threading.Lock()
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                sink.num_exports += 1
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path != "/v1/traces":
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                with receiver.lock:
+                    if on_export is not None:
+                        on_export(body)
+                    receiver.num_exports += 1
                 self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 

@@ -4,20 +4,19 @@
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint}
         ...
         collector.spans                     # CollectedSpan per span received
+
+The HTTP side is the bench's receiver (``middleware.bench.tracing.OtlpReceiver``); this module adds only
+the protobuf decoding the tests assert on.
 """
 
 from __future__ import annotations
 
-import gzip
-import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Self
+from typing import Any
 
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from middleware.bench.tracing import OtlpReceiver
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,51 +53,13 @@ def decode_export(body: bytes) -> list[CollectedSpan]:
     return spans
 
 
-class OtlpCollector:
+class OtlpCollector(OtlpReceiver):
+    """Keeps every span it receives, decoded (``spans``; ``snapshot()`` for a copy while exports arrive)."""
+
     def __init__(self) -> None:
         self.spans: list[CollectedSpan] = []
-        self.num_exports = 0
-        self._lock = threading.Lock()
-        collector = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                if self.path != "/v1/traces":
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                spans = decode_export(body)
-                with collector._lock:
-                    collector.spans.extend(spans)
-                    collector.num_exports += 1
-                reply = ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(reply)))
-                self.end_headers()
-                self.wfile.write(reply)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        super().__init__(on_export=lambda body: self.spans.extend(decode_export(body)))
 
     def snapshot(self) -> list[CollectedSpan]:
-        with self._lock:
+        with self.lock:
             return list(self.spans)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
