@@ -211,16 +211,17 @@ def _measure(args: argparse.Namespace, items: list[dict[str, Any]], base: dict[s
     if not args.skip_base:
         raw["aisp"] = dataclasses.asdict(run_aisp_seeds(models, items, base, **common))
         _save(raw, args.save)
-    raw["variants"] = []
-    for name, settings in variants:
-        out = run_aisp_seeds(models, items, settings, **common)
-        raw["variants"].append({"name": name, "settings": settings, **dataclasses.asdict(out)})
-        _save(raw, args.save)
+    # the window before the variants: it compares with the base run, the variants come last
     if args.window:
         max_iterations = args.window_max_iterations or 2 * k
         out = run_window_seeds(models, items, base, max_iterations=max_iterations, share=args.window_share, **common)
         raw["window"] = {"share": args.window_share, "max_iterations": max_iterations, "runs": out.runs,
                          "wall_s": out.wall_s, **out.extra}
+        _save(raw, args.save)
+    raw["variants"] = []
+    for name, settings in variants:
+        out = run_aisp_seeds(models, items, settings, **common)
+        raw["variants"].append({"name": name, "settings": settings, **dataclasses.asdict(out)})
         _save(raw, args.save)
     return raw
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from middleware.bench.allocation_report import BASELINES, format_table, plot_rows
 from middleware.bench.equivalence import (
     Interval,
     budget_equivalence,
@@ -30,7 +31,6 @@ from middleware.bench.equivalence import (
     median_interval,
     saving_from_needed,
 )
-from middleware.bench.report import format_interval as _ci
 from middleware.bench.report import print_report
 from middleware.errors import UsageError
 from middleware.scheduler.allocation import (
@@ -42,7 +42,6 @@ from middleware.scheduler.allocation import (
 )
 
 DEFAULT_METHODS = ("adabon-mc", "adabon-integral", "adabon-gauss", "adabon-eb")
-BASELINES = ("null", "oracle")
 UNIFORM_CURVE_MULTIPLE = 4  # budget_equivalence is censored ("above") at 4×B
 
 
@@ -317,48 +316,6 @@ def time_large_window(rewards: list[np.ndarray], methods: list[str], *, num_prom
     return timings
 
 
-def _plot(rows: list[BenchRow], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for method in dict.fromkeys(r.method for r in rows):
-        mine = [r for r in rows if r.method == method]
-        ks = [r.k for r in mine]
-        style = {"linestyle": "--"} if method in BASELINES else {}
-        left.errorbar(ks, [r.median_bwr for r in mine], capsize=3, label=method, marker="o", **style,
-                      yerr=[[r.median_bwr - r.q1_bwr for r in mine], [r.q3_bwr - r.median_bwr for r in mine]])
-        right.plot(ks, [r.median_est_over_budget for r in mine], marker="o", label=method, **style)
-    left.axhline(0.5, color="grey", linewidth=0.8)
-    right.axhline(1.0, color="grey", linewidth=0.8)
-    left.set(xlabel="K (prompts per batch)", ylabel="batch win rate vs uniform (median, IQR)", xscale="log")
-    right.set(xlabel="K (prompts per batch)", ylabel="EST / B (median)", xscale="log")
-    ks = sorted({r.k for r in rows})
-    for axis in (left, right):
-        axis.set_xticks(ks, [str(k) for k in ks])
-        axis.minorticks_off()
-    left.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _table(rows: list[BenchRow]) -> str:
-    header = (f"{'K':>3} {'method':<24} {'BWR med [95% CI]':<22} {'BWR>.5':>6} {'EST/B':>6} "
-              f"{'equiv ×B [95% CI]':<23} {'saving [95% CI]':<23} {'gain/prompt':>11} {'ms':>6}")
-    lines = [header]
-    for r in rows:
-        saving = f"{r.budget_saving:.3f} {_ci(r.budget_saving_ci)}" if r.budget_saving is not None else "-"
-        lines.append(f"{r.k:>3} {r.method:<24} {r.median_bwr:.3f} {_ci(r.median_bwr_ci):<16} "
-                     f"{r.frac_bwr_gt_half:>6.0%} {r.median_est_over_budget:>6.3f} "
-                     f"{r.budget_equivalence:.3f} {_ci(r.budget_equivalence_ci):<17} {saving:<23} "
-                     f"{r.mean_gain:>11.4f} {r.mean_allocation_ms:>6.2f}")
-    return "\n".join(lines)
-
-
 def _folds(args: argparse.Namespace, rewards: list[np.ndarray], methods: list[str]) -> tuple[list[Any], list[float]]:
     """Held-out folds with priors learned off-fold (``--cross-validate``); mean held-out R² per target."""
     needs_prior = any(MethodSpec.parse(m).uses_prior for m in methods)
@@ -406,9 +363,9 @@ def run(args: argparse.Namespace) -> int:
               "prior_held_out_r2": fold_r2,
               "allocation_ms_256_prompts": timings, "results": [asdict(r) for r in rows]}
     if args.plot:
-        _plot(rows, args.plot, f"{args.pool}: B={args.budget}, d={rows[0].num_explore}, {args.batches}×{args.runs}")
+        plot_rows(rows, args.plot, f"{args.pool}: B={args.budget}, d={rows[0].num_explore}, {args.batches}×{args.runs}")
     print_report(report, as_json=args.json, lines=[
         (f"pool {args.pool} ({len(rewards)} prompts), B={args.budget}, d={rows[0].num_explore}, "
          f"{args.batches} batches × {args.runs} runs, {report['elapsed_s']} s"),
-        _table(rows), "allocation ms for 256 prompts: " + ", ".join(f"{m} {t:.1f}" for m, t in timings.items())])
+        format_table(rows), "allocation ms for 256 prompts: " + ", ".join(f"{m} {t:.1f}" for m, t in timings.items())])
     return 0

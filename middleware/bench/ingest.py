@@ -127,7 +127,9 @@ async def _measure_client(redis_url: str, args: argparse.Namespace) -> dict[str,
 
 
 def _encoded_size(client: Any, prompt: str) -> int:
-    return len(client._encode(client.build_request(prompt)))
+    from middleware.client.building import encode_request
+
+    return len(encode_request(client.build_request(prompt)))
 
 
 async def delete_namespace(redis: Any, namespace: str) -> None:

@@ -25,63 +25,35 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any, Self
 
 import anyio
 import redis.asyncio as aioredis
-from pydantic import ValidationError
-from redis.exceptions import NoScriptError
 
-from middleware.client.admission import (
-    CANCEL_LUA,
-    QUEUED_SUBMIT_STATUSES,
-    SUBMIT_LUA,
-    CancelOutcome,
-    SubmitStatus,
-    estimate_retry_after_s,
-)
+from middleware.client.admission import CANCEL_LUA, SUBMIT_LUA, CancelOutcome
+from middleware.client.building import build_request, checked_tenant
 from middleware.client.event_router import EventRouter
-from middleware.client.models import ServedModel, check_route, served_models
+from middleware.client.models import ServedModel
 from middleware.client.results import ResultWaiting
+from middleware.client.submitting import Quota, Submitting
 from middleware.errors import BadRequest, Conflict, ConnectionLost, Overloaded, QuotaExceeded
-from schemas import (
-    DEFAULT_NAMESPACE,
-    AlignRequest,
-    AlignResult,
-    Event,
-    EventKind,
-    Keys,
-    Method,
-    ResultStatus,
-    SchemaError,
-    encode,
-    new_request_id,
-    now_ms,
-)
+from schemas import DEFAULT_NAMESPACE, AlignResult, Event, EventKind, Keys, ResultStatus, encode, now_ms
 from schemas.lifecycle import read_heartbeats
-from schemas.tenancy import SCOPE_SEPARATOR, request_fingerprint, scoped_request_id
-from schemas.topology import WAIT_TIMEOUT_MS, check_min_replicas, check_replicas, eval_replicated, is_cluster
+from schemas.tenancy import SCOPE_SEPARATOR, scoped_request_id
+from schemas.topology import check_min_replicas, is_cluster
 from schemas.transport import REDIS_ERRORS, connect
 
-__all__ = ["Client", "Quota"]
+# build_request, Quota and the errors stay importable from here, where callers and the README name them.
+__all__ = ["BadRequest", "Client", "Conflict", "ConnectionLost", "Overloaded", "Quota", "QuotaExceeded",
+           "build_request"]
 
 logger = logging.getLogger(__name__)
 
-MODELS_CACHE_S = 1.0  # how stale the view of live workers' models may be
 DEFAULT_IDEMPOTENCY_TTL_S = 86_400  # how long an id stays bound to its request (as payment APIs do)
 
 
-@dataclass(frozen=True, slots=True)
-class Quota:
-    """A tenant's limits, counted in Redis so they hold across gateways. 0: unlimited."""
-
-    max_requests_per_minute: int = 0
-    max_samples_in_flight: int = 0
-
-
-class Client(ResultWaiting):
+class Client(Submitting, ResultWaiting):
     """Async alignq client. Use as ``async with Client(url) as client:``.
 
     ``redis`` is a URL or an existing ``redis.asyncio.Redis`` (bytes responses; the caller keeps
@@ -114,7 +86,7 @@ class Client(ResultWaiting):
         else:
             self._redis = redis
             self._owns_redis = False
-        self.tenant = _checked_tenant(tenant)
+        self.tenant = checked_tenant(tenant)
         # S shards (ALIGNQ_SHARDS): the same in every process of a deployment (docs/scaling.md)
         self.keys = Keys.sharded(namespace, num_shards, cluster=is_cluster(self._redis))
         self.min_replicas = min_replicas  # WAIT after each submit (ALIGNQ_REDIS_MIN_REPLICAS)
@@ -135,7 +107,7 @@ class Client(ResultWaiting):
     def with_tenant(self, tenant: str | None, *, quota: Quota | None = None) -> Client:
         """This client for another tenant: same connections and event router, its own id scope."""
         view = copy.copy(self)
-        view.tenant = _checked_tenant(tenant)
+        view.tenant = checked_tenant(tenant)
         view.quota = quota or Quota()
         view._is_view = True
         return view
@@ -163,164 +135,6 @@ class Client(ResultWaiting):
         if SCOPE_SEPARATOR in request_id:  # a caller's ids never hold it: this would name another scope's keys
             raise BadRequest(f"invalid request_id {request_id!r}: letters, digits and _ . : - only")
         return scoped_request_id(self.tenant, request_id)
-
-    # -- submit -----------------------------------------------------------------------------------
-    def build_request(self, prompt: Any, **fields: Any) -> AlignRequest:
-        """Validate ``prompt`` and AlignRequest ``fields`` in this client's tenant; BadRequest if invalid."""
-        return build_request(prompt, tenant=self.tenant, **fields)
-
-    async def submit(self, prompt: Any, **fields: Any) -> str:
-        """Queue one prompt; returns its request_id. Raises BadRequest, Conflict, QuotaExceeded or Overloaded."""
-        return await self.submit_request(self.build_request(prompt, **fields))
-
-    async def submit_request(self, request: AlignRequest) -> str:
-        """Queue a built request (``build_request``); returns the caller's id."""
-        self._check_scope(request)
-        await self._check_routes([request])
-        args = self._submit_args(request, self._encode(request))
-        reply = await self._with_reconnect(lambda: eval_replicated(
-            self._redis, self._submit_script, keys=self._submit_keys(request), args=args,
-            min_replicas=self.min_replicas))
-        self._check_submit_reply(reply, request)
-        return self.caller_id(request.request_id)
-
-    async def submit_many(self, items: Sequence[str | dict | AlignRequest]) -> list[str]:
-        """Queue many prompts, one pipelined round trip per ``submit_chunk_size`` items.
-
-        Items are prompts, dicts of AlignRequest fields (with ``prompt``), or AlignRequests. All are
-        validated before anything is sent. If the queue fills up, the chunk in flight completes and
-        no further chunk is sent; Overloaded then carries ``submitted_ids`` (accepted, they stay
-        queued) and ``rejected_ids`` (not queued), each in input order. A conflicting id raises
-        Conflict after its chunk (the items before it stay queued).
-        """
-        requests = [self._as_request(item) for item in items]
-        payloads = [self._encode(request) for request in requests]
-        await self._check_routes(requests)
-        sha = await self._with_reconnect(self._load_script)
-        submitted_ids: list[str] = []
-        rejected_ids: list[str] = []
-        overloaded: Overloaded | None = None
-        for start in range(0, len(requests), self.submit_chunk_size):
-            if overloaded is not None:
-                rejected_ids.extend(self.caller_id(request.request_id) for request in requests[start:])
-                break
-            chunk = list(zip(requests[start:start + self.submit_chunk_size],
-                             payloads[start:start + self.submit_chunk_size]))
-            replies = await self._with_reconnect(lambda chunk=chunk: self._submit_chunk(sha, chunk))
-            for (request, _), reply in zip(chunk, replies):
-                try:
-                    self._check_submit_reply(reply, request)
-                except Overloaded as e:  # a later item of the chunk may still fit (a slot freed)
-                    overloaded = overloaded or e
-                    rejected_ids.append(self.caller_id(request.request_id))
-                    continue
-                submitted_ids.append(self.caller_id(request.request_id))
-        if overloaded is not None:
-            overloaded.submitted_ids = submitted_ids
-            overloaded.rejected_ids = rejected_ids
-            raise overloaded
-        return submitted_ids
-
-    async def _submit_chunk(self, sha: str, chunk: list[tuple[AlignRequest, bytes]]) -> list[Any]:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for request, payload in chunk:
-                keys = self._submit_keys(request)
-                pipe.evalsha(sha, len(keys), *keys, *self._submit_args(request, payload))
-            if self.min_replicas > 0:  # same connection: WAIT covers every script of the chunk
-                pipe.execute_command("WAIT", self.min_replicas, WAIT_TIMEOUT_MS)
-            replies = await pipe.execute(raise_on_error=False)
-        if self.min_replicas > 0 and not isinstance(replies[-1], Exception):
-            check_replicas(int(replies.pop()), self.min_replicas)  # short: retried, accepted ones are duplicates
-        if any(isinstance(reply, NoScriptError) for reply in replies):  # SCRIPT FLUSH or a Redis restart
-            sha = await self._load_script()
-            return await self._submit_chunk(sha, chunk)  # idempotent: accepted items are duplicates now
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return replies
-
-    async def _load_script(self) -> str:
-        sha = await self._redis.script_load(SUBMIT_LUA)
-        return sha.decode() if isinstance(sha, bytes) else sha
-
-    def _submit_keys(self, request: AlignRequest) -> list[str]:
-        rid, tenant = request.request_id, request.tenant or ""
-        keys = self.keys.for_request(rid)  # the request's shard: one hash slot for the whole script
-        return [keys.pending_requests, keys.requests, keys.request_claim(rid),
-                keys.fingerprint(rid), keys.quota_rate(tenant, int(time.time() // 60)),
-                keys.quota_samples(tenant)]
-
-    def _submit_args(self, request: AlignRequest, payload: bytes) -> list[Any]:
-        seconds_left = 60 - int(time.time()) % 60
-        # Backpressure and quotas are counted per shard: each shard admits its 1/S share of the limits.
-        return [self._per_shard(self.max_pending), request.request_id, now_ms(), payload,
-                request_fingerprint(request.model_dump(mode="json")), self.idempotency_ttl_s,
-                self._per_shard(self.quota.max_requests_per_minute),
-                self._per_shard(self.quota.max_samples_in_flight),
-                request.budget or self.default_budget, seconds_left]
-
-    def _per_shard(self, limit: int) -> int:
-        return -(-limit // self.keys.num_shards) if limit > 0 else 0
-
-    def _check_submit_reply(self, reply: Sequence[Any], request: AlignRequest) -> None:
-        status, num_pending, detail = (int(value) for value in reply)
-        if status in QUEUED_SUBMIT_STATUSES:
-            return
-        caller_id = self.caller_id(request.request_id)
-        if status == SubmitStatus.CONFLICT:
-            raise Conflict(f"request_id {caller_id!r} was already used for a different request "
-                           "(another prompt or parameters); use a new request_id")
-        if status == SubmitStatus.RATE_LIMITED:
-            raise QuotaExceeded(f"quota exceeded: {self.quota.max_requests_per_minute} requests per minute; "
-                                f"retry after {detail} s", retry_after_s=float(detail), num_pending=num_pending)
-        if status == SubmitStatus.SAMPLES_LIMITED:
-            raise QuotaExceeded(f"quota exceeded: {self.quota.max_samples_in_flight} samples in flight; retry "
-                                "when earlier requests are answered", retry_after_s=1.0, num_pending=num_pending)
-        if status == SubmitStatus.OVERLOADED:
-            retry_after_s = estimate_retry_after_s(num_pending, self.max_pending, (now_ms() - detail) / 1000)
-            raise Overloaded(
-                f"alignq is overloaded: {num_pending} requests pending (max_pending={self.max_pending}); "
-                f"retry after {retry_after_s:.2f} s",
-                retry_after_s=retry_after_s,
-                num_pending=num_pending,
-            )
-
-    def _check_scope(self, request: AlignRequest) -> None:
-        if request.tenant != self.tenant:
-            raise BadRequest(f"invalid request: built for tenant {request.tenant!r}, this client is "
-                             f"{self.tenant!r}")
-
-    def _as_request(self, item: str | dict | AlignRequest | list) -> AlignRequest:
-        if isinstance(item, AlignRequest):
-            self._check_scope(item)
-            return item
-        if isinstance(item, dict):
-            fields = dict(item)
-            if "prompt" not in fields:
-                raise BadRequest("invalid request: prompt: field required")
-            return self.build_request(fields.pop("prompt"), **fields)
-        return self.build_request(item)
-
-    @staticmethod
-    def _encode(request: AlignRequest) -> bytes:
-        try:
-            return encode(request)
-        except SchemaError as e:
-            raise BadRequest(f"invalid request: {e}") from e
-
-    async def _check_routes(self, requests: Sequence[AlignRequest]) -> None:
-        """Fail fast on a model no live worker serves, or aisp where none can run it (heartbeats, cached 1 s).
-
-        Requests for the default model with bon or uniform skip the check: no Redis call on the hot path.
-        """
-        routes = {(r.model, r.method) for r in requests if r.model is not None or r.method == Method.AISP}
-        if not routes:
-            return
-        if self._models_cache is None or time.monotonic() - self._models_cache[0] > MODELS_CACHE_S:
-            models = await self._with_reconnect(lambda: served_models(self._redis, self.keys))
-            self._models_cache = (time.monotonic(), models)
-        for model, method in routes:
-            check_route(self._models_cache[1], model, method)
 
     # -- cancel -----------------------------------------------------------------------------------
     async def cancel(self, request_id: str, *, reason: str = "cancelled by the client") -> CancelOutcome:
@@ -373,33 +187,3 @@ class Client(ResultWaiting):
         request_id = await self.submit(prompt, **fields)
         return await self.result(request_id, timeout_s=timeout_s)
 
-
-def _checked_tenant(tenant: str | None) -> str | None:
-    if tenant is None:
-        return None
-    try:
-        AlignRequest(request_id=f"{tenant}/x", tenant=tenant, prompt="x")
-    except ValidationError as e:
-        raise BadRequest(f"invalid tenant {tenant!r}: letters, digits and _ . - only (1-64)") from e
-    return tenant
-
-
-def build_request(prompt: Any, *, tenant: str | None = None, **fields: Any) -> AlignRequest:
-    """Validate ``prompt`` and AlignRequest ``fields`` in ``tenant``'s scope, with no connection; BadRequest if invalid."""
-    if "tenant" in fields:
-        raise BadRequest("invalid request: tenant: set by the client (Client(tenant=...)), not per request")
-    request_id = fields.pop("request_id", None)
-    if request_id is not None and (not isinstance(request_id, str) or "/" in request_id):
-        raise BadRequest("invalid request: request_id: letters, digits and _ . : - only (1-128)")
-    try:
-        if request_id is not None:
-            fields["request_id"] = scoped_request_id(tenant, request_id)
-        elif tenant is not None:
-            fields["request_id"] = scoped_request_id(tenant, new_request_id())
-        return AlignRequest(prompt=prompt, tenant=tenant, **fields)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "request"
-        raise BadRequest(f"invalid request: {where}: {first.get('msg')}") from e
-    except TypeError as e:  # e.g. prompt passed twice
-        raise BadRequest(f"invalid request: {e}") from e

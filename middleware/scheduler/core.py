@@ -337,6 +337,7 @@ class SchedulerCore:
         """Final result for ``state``; forgets the request. ``partial_error``: answered at its deadline."""
         self.drop(state.request_id)
         if self.config.spread_prior and state.request.method == Method.BON:
-            self.spread.observe(prompt_text(state.request.prompt), state.finite_rewards, state.prompt_embedding)
+            self.spread.observe(prompt_text(state.request.prompt), state.finite_rewards, state.prompt_embedding,
+                                model=state.request.model)
         result = final_result(state, self.config.scheduler_id, now_ms, partial_error=partial_error)
         return Plan(answers=[Answer(result, state.entry_id, state.stage1_best_reward)])

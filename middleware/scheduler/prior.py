@@ -169,6 +169,21 @@ class WindowPrior:
         return WindowPrior(*(None if v is None else v[index] for v in (self.log_var_mean, self.log_var_var,
                                                                      self.loc_mean, self.loc_var, self.alpha, self.beta)))
 
+    @staticmethod
+    def merge(parts: Sequence[tuple[np.ndarray, WindowPrior]], size: int) -> WindowPrior:
+        """One window's prior from parts covering its prompts: (window positions, their prior) each."""
+        fields = ("log_var_mean", "log_var_var", "loc_mean", "loc_var", "alpha", "beta")
+        merged: dict[str, np.ndarray | None] = {}
+        for name in fields:
+            if any(getattr(prior, name) is None for _, prior in parts):
+                merged[name] = None
+                continue
+            values = np.zeros(size)
+            for index, prior in parts:
+                values[index] = getattr(prior, name)
+            merged[name] = values
+        return WindowPrior(**merged)
+
 
 def window_prior(fit: RidgeFit, features: np.ndarray, is_bernoulli: bool, *, min_strength: float = 0.5,
                  max_strength: float = 200.0) -> WindowPrior:
@@ -194,25 +209,42 @@ def reward_kind(rewards: Sequence[float]) -> str:
     return "bernoulli" if len(rewards) and all(r in (0.0, 1.0) for r in rewards) else "continuous"
 
 
+#: (policy model name, model kind): a spread model is learned per policy, since spreads are the policy's.
+#: None is the deployment's default model (a request that names no model).
+SpreadKey = tuple[str | None, str]
+
+
 @dataclass(slots=True)
 class SpreadModel:
-    """One scheduler's view: the last fit per reward kind, and observations not yet shared (``prior_store``)."""
+    """One scheduler's view: the last fit per (policy model, kind), and observations not yet shared (``prior_store``).
 
-    model: str | None = None
-    fits: dict[str, RidgeFit] = field(default_factory=dict)
-    pending: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    ``models``: every policy model this scheduler has answered or been asked about; each sync refreshes
+    their fits from Redis, so a scheduler also learns from models only other schedulers have answered.
+    """
 
-    def observe(self, prompt_text: str, rewards: Sequence[float], embedding: Sequence[float] | None = None) -> None:
-        """An answered prompt: its features and what its rewards looked like (needs >= 2 samples)."""
+    fits: dict[SpreadKey, RidgeFit] = field(default_factory=dict)
+    pending: dict[SpreadKey, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    models: set[str | None] = field(default_factory=lambda: {None})
+
+    def observe(self, prompt_text: str, rewards: Sequence[float], embedding: Sequence[float] | None = None,
+                model: str | None = None) -> None:
+        """An answered prompt of ``model``: its features and what its rewards looked like (needs >= 2 samples)."""
         if len(rewards) < 2:
             return
         kind = model_kind(reward_kind(rewards), embedding)
-        queue = self.pending.setdefault(kind, [])
+        self.models.add(model)
+        queue = self.pending.setdefault((model, kind), [])
         queue.append((prompt_features(prompt_text, embedding), reward_targets(rewards, kind.startswith("bernoulli"))))
         del queue[:-MAX_PENDING_OBSERVATIONS]
 
-    def fit_for(self, kind: str) -> RidgeFit | None:
-        return self.fits.get(kind)
+    def fit_for(self, kind: str, model: str | None = None) -> RidgeFit | None:
+        self.models.add(model)  # asked for: the next sync loads its shared fit
+        return self.fits.get((model, kind))
+
+    def has_fit_for(self, models: Sequence[str | None]) -> bool:
+        """A fit (of any kind) for every one of ``models``."""
+        fitted = {model for model, _ in self.fits}
+        return bool(models) and all(m in fitted for m in models)
 
     @property
     def has_fit(self) -> bool:

@@ -1,6 +1,6 @@
 """The spread model in Redis: every scheduler adds what its answered windows taught, and reads the sum.
 
-One string per (model, reward kind) at ``Keys.spread_model``: the ``RidgeStats`` arrays as an ``.npz``
+One string per (policy model, model kind) at ``Keys.spread_model``: the ``RidgeStats`` arrays as an ``.npz``
 (numpy's own format, loaded with ``allow_pickle=False``). Adding is a WATCH / MULTI / EXEC
 read-modify-write retried on conflict, so concurrent schedulers never lose each other's windows.
 ``sync_spread_model`` moves a scheduler's queued observations (``prior.SpreadModel``) into Redis and
@@ -62,27 +62,30 @@ async def add_stats(redis: Redis, key: str, delta: RidgeStats) -> RidgeStats | N
 
 
 async def sync_spread_model(spread: SpreadModel, redis: Redis, keys: Any) -> int:
-    """Push ``spread``'s pending observations, refit from the shared sums; returns the observations pushed."""
+    """Push ``spread``'s pending observations, refit from the shared sums; returns the observations pushed.
+
+    One Redis key per (policy model, kind): a model's spreads never train another model's prior.
+    """
     pushed = 0
-    for kind in MODEL_KINDS:
-        rows, spread.pending[kind] = spread.pending.get(kind, []), []
-        key = keys.spread_model(spread.model, kind)
+    for slot in [(model, kind) for model in sorted(spread.models, key=str) for kind in MODEL_KINDS]:
+        rows, spread.pending[slot] = spread.pending.get(slot, []), []
+        key = keys.spread_model(*slot)
         try:
             if rows:
                 total = await add_stats(redis, key, RidgeStats.from_rows(np.stack([r[0] for r in rows]),
                                                                          np.stack([r[1] for r in rows])))
                 if total is None:
-                    spread.pending[kind] = rows + spread.pending.get(kind, [])
+                    spread.pending[slot] = rows + spread.pending.get(slot, [])
                     continue
                 pushed += len(rows)
             else:
                 total = await load_stats(redis, key)
         except BaseException:
-            spread.pending[kind] = rows + spread.pending.get(kind, [])  # not lost: pushed on the next sync
+            spread.pending[slot] = rows + spread.pending.get(slot, [])  # not lost: pushed on the next sync
             raise
         fit = total.fit() if total is not None else None
         if fit is not None:
-            spread.fits[kind] = fit
+            spread.fits[slot] = fit
     if pushed:
-        logger.info("spread model synced observations=%d kinds=%s", pushed, sorted(spread.fits))
+        logger.info("spread model synced observations=%d fits=%s", pushed, sorted(spread.fits, key=str))
     return pushed

@@ -45,7 +45,7 @@ def explore_fraction(config: CoreConfig, spread: SpreadModel, round_timer: Round
                      states: Sequence[RequestState], now_ms: int) -> float:
     """The configured f, the smaller prior one once a spread model is fitted, 1.0 when a deadline allows one round."""
     fraction = config.explore_fraction
-    if config.spread_prior and spread.has_fit:
+    if config.spread_prior and spread.has_fit_for([s.request.model for s in states]):
         fraction = config.prior_explore_fraction
     time_left = [s.request.deadline_at_ms - now_ms for s in states if s.request.deadline_at_ms is not None]
     if config.deadline_rounds and time_left:
@@ -59,14 +59,18 @@ def _window_prior(spread: SpreadModel, states: Sequence[RequestState],
     """Predicted spreads for the window's prompts (embedding features only if every prompt has one)."""
     rewards = reward_kind([r for values in explore_rewards.values() for r in values])
     has_embeddings = all(s.prompt_embedding is not None for s in states)
-    fit = spread.fit_for(model_kind(rewards, [0.0] if has_embeddings else None))
-    if fit is None:
-        return None
+    kind = model_kind(rewards, [0.0] if has_embeddings else None)
     features = np.stack([prompt_features(prompt_text(s.request.prompt), s.prompt_embedding if has_embeddings else None)
                          for s in states])
-    if features.shape[1] != fit.weights.shape[0]:
-        return None  # another encoder's embeddings: no prior rather than a wrong one
-    return window_prior(fit, features, rewards == "bernoulli")
+    models = np.array([s.request.model or "" for s in states])
+    parts = []
+    for model in dict.fromkeys(models):  # each prompt gets its own policy model's prior
+        fit = spread.fit_for(kind, model or None)
+        if fit is None or features.shape[1] != fit.weights.shape[0]:
+            return None  # unlearned model or another encoder's embeddings: no prior rather than a wrong one
+        index = np.flatnonzero(models == model)
+        parts.append((index, window_prior(fit, features[index], rewards == "bernoulli")))
+    return WindowPrior.merge(parts, len(states))
 
 
 def allocate_window(config: CoreConfig, spread: SpreadModel, window_id: int, states: dict[str, RequestState],

@@ -12,9 +12,8 @@ import pathlib
 import signal
 import subprocess
 import tempfile
-import time
 
-import httpx
+from chaos_support import wait_http_ready
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "scripts" / "build-llama-server.sh"
@@ -61,18 +60,8 @@ class LlamaServer:
     def start(self) -> None:
         self.process = subprocess.Popen([self.binary, *self.args], stdout=self.log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.process.returncode}: {self.log_tail()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"llama-server not ready within {START_TIMEOUT_S} s: {self.log_tail()}")
-            time.sleep(0.1)
+        wait_http_ready(f"http://127.0.0.1:{self.port}/health", self.process, START_TIMEOUT_S, what="llama-server",
+                        log_tail=self.log_tail)
 
     def kill(self) -> None:
         """SIGKILL: in-flight requests die with their connections, like a crashed server."""

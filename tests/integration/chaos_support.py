@@ -24,8 +24,10 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import httpx
 import redis
 
 from schemas import Keys
@@ -40,6 +42,24 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_http_ready(url: str, process: subprocess.Popen, timeout_s: float, *, what: str,
+                    ready: Callable[[httpx.Response], bool] = lambda r: r.status_code == 200,
+                    log_tail: Callable[[], str] = lambda: "") -> None:
+    """Poll ``url`` until ``ready(response)``; raise if ``process`` exits first or ``timeout_s`` passes."""
+    give_up_at = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}: {log_tail()}")
+        try:
+            if ready(httpx.get(url, timeout=2.0)):
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > give_up_at:
+            raise TimeoutError(f"{what} not ready within {timeout_s} s: {log_tail()}")
+        time.sleep(0.1)
 
 
 def alignq_executable() -> list[str]:

@@ -6,7 +6,6 @@ which events arrive when; the end-to-end test uses the real scheduler and worker
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -14,6 +13,7 @@ from contextlib import contextmanager
 
 import anyio
 import redis.asyncio as aioredis
+from chaos_support import free_port
 
 from middleware.gateway.app import create_app
 from middleware.settings import GatewaySettings
@@ -32,12 +32,8 @@ from schemas import (
 )
 
 KEYS = Keys("alignq")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+__all__ = ["KEYS", "StandInScheduler", "against_stand_in", "default_answer", "free_port", "publish_answer",
+           "publish_event", "running_gateway", "scored_result", "with_scheduler"]
 
 
 @contextmanager
@@ -118,13 +114,19 @@ class StandInScheduler:
         await publish_answer(self.redis, self.answer(request))
 
     async def publish(self, request_id: str, kind: EventKind, **data: float) -> None:
-        await self.redis.xadd(KEYS.events(request_id), {PAYLOAD_FIELD: encode(Event(request_id=request_id, kind=kind, data=data))})
+        await publish_event(self.redis, request_id, kind, **data)
 
     async def aclose(self) -> None:
         await self.redis.aclose()
 
 
+async def publish_event(redis: aioredis.Redis, request_id: str, kind: EventKind, **data: float) -> None:
+    """A non-terminal event, as the scheduler writes it."""
+    await redis.xadd(KEYS.events(request_id), {PAYLOAD_FIELD: encode(Event(request_id=request_id, kind=kind, data=data))})
+
+
 async def publish_answer(redis: aioredis.Redis, result: AlignResult) -> None:
+    """What the scheduler's answer script does: claim, result, terminal event, leave pending."""
     rid = result.request_id
     kind = EventKind.ERROR if result.status == ResultStatus.ERROR else EventKind.DONE
     async with redis.pipeline(transaction=True) as pipe:
@@ -133,3 +135,29 @@ async def publish_answer(redis: aioredis.Redis, result: AlignResult) -> None:
         pipe.xadd(KEYS.events(rid), {PAYLOAD_FIELD: encode(Event(request_id=rid, kind=kind, result=result))})
         pipe.zrem(KEYS.pending_requests, rid)
         await pipe.execute()
+
+
+async def with_scheduler(scheduler: StandInScheduler, body: Callable[[], Awaitable[None]]) -> None:
+    """Run ``body`` (within 30 s) while ``scheduler`` answers; closes the scheduler after."""
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(scheduler.run)
+            try:
+                with anyio.fail_after(30):
+                    await body()
+            finally:
+                tg.cancel_scope.cancel()
+    finally:
+        await scheduler.aclose()
+
+
+async def against_stand_in(redis_url: str, body: Callable[[str], Awaitable[None]], *,
+                           scheduler: StandInScheduler | None = None, **gateway: object) -> StandInScheduler:
+    """``body(base_url)`` against a gateway (``gateway``: settings overrides) and a stand-in scheduler.
+
+    Returns the scheduler, whose ``requests`` list what the gateway queued.
+    """
+    scheduler = scheduler or StandInScheduler(redis_url)
+    with running_gateway(redis_url, **gateway) as base_url:
+        await with_scheduler(scheduler, lambda: body(base_url))
+    return scheduler

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import pathlib
 import signal
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import httpx
 import redis
-from chaos_support import Fleet, free_port
+from chaos_support import Fleet, free_port, wait_http_ready
 
 from schemas import PAYLOAD_FIELD, Keys, SampleSet, decode
 
@@ -51,18 +49,8 @@ def deployment(redis_url: str, tmp_path: pathlib.Path, model_dir: pathlib.Path, 
         gateway = fleet.start("gateway", "g0")
         fleet.wait_ready(["s0", *workers], READY_TIMEOUT_S)
         base_url = f"http://127.0.0.1:{port}"
-        give_up_at = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if gateway.process.poll() is not None:
-                raise RuntimeError(f"gateway exited: {fleet.log_tail('g0')}")
-            try:
-                if httpx.get(f"{base_url}/healthz", timeout=2).json().get("status") == "ok":
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > give_up_at:
-                raise TimeoutError(f"gateway not ready: {fleet.log_tail('g0')}")
-            time.sleep(0.1)
+        wait_http_ready(f"{base_url}/healthz", gateway.process, READY_TIMEOUT_S, what="gateway",
+                        ready=lambda r: r.json().get("status") == "ok", log_tail=lambda: fleet.log_tail("g0"))
         yield Deployment(base_url, fleet)
     finally:
         gateway_service = fleet.services.get("g0")

@@ -7,6 +7,7 @@ import time
 import anyio
 import pytest
 import redis.asyncio as aioredis
+from gateway_support import publish_answer, publish_event
 
 from middleware.client import (
     BadRequest,
@@ -32,27 +33,10 @@ from schemas import (
     ResultStatus,
     Sample,
     decode,
-    encode,
 )
 
 pytestmark = pytest.mark.anyio
 KEYS = Keys("alignq")
-
-
-async def publish_event(redis: aioredis.Redis, request_id: str, kind: EventKind, **data: float) -> None:
-    await redis.xadd(KEYS.events(request_id), {PAYLOAD_FIELD: encode(Event(request_id=request_id, kind=kind, data=data))})
-
-
-async def publish_answer(redis: aioredis.Redis, result: AlignResult) -> None:
-    """What the scheduler's answer script does: claim, result, terminal event, leave pending."""
-    rid = result.request_id
-    kind = EventKind.ERROR if result.status == ResultStatus.ERROR else EventKind.DONE
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.set(KEYS.request_claim(rid), b"1", nx=True)
-        pipe.set(KEYS.result(rid), encode(result), ex=60)
-        pipe.xadd(KEYS.events(rid), {PAYLOAD_FIELD: encode(Event(request_id=rid, kind=kind, result=result))})
-        pipe.zrem(KEYS.pending_requests, rid)
-        await pipe.execute()
 
 
 def ok_result(request_id: str, reward: float = 0.9) -> AlignResult:

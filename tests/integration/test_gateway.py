@@ -8,12 +8,20 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Awaitable, Callable
 
 import anyio
 import httpx
 import openai
 import pytest
-from gateway_support import KEYS, StandInScheduler, publish_answer, running_gateway
+from gateway_support import (
+    KEYS,
+    StandInScheduler,
+    against_stand_in,
+    publish_answer,
+    running_gateway,
+    with_scheduler,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from schemas import AlignRequest, AlignResult, ErrorCode, ErrorInfo, Method, ResultStatus
@@ -25,98 +33,76 @@ def openai_client(base_url: str, api_key: str = "unused") -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0, timeout=30)
 
 
-async def with_scheduler(scheduler: StandInScheduler, body) -> None:  # type: ignore[no-untyped-def]
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(scheduler.run)
-            try:
-                with anyio.fail_after(30):
-                    await body()
-            finally:
-                tg.cancel_scope.cancel()
-    finally:
-        await scheduler.aclose()
+def with_openai(checks: Callable[[openai.AsyncOpenAI], Awaitable[None]]) -> Callable[[str], Awaitable[None]]:
+    """A body for ``against_stand_in``: ``checks`` with an OpenAI client on the gateway."""
+    async def body(base_url: str) -> None:
+        async with openai_client(base_url) as client:
+            await checks(client)
+
+    return body
 
 
 async def test_chat_completion_with_the_openai_client(redis_url: str) -> None:
-    scheduler = StandInScheduler(redis_url)
-    with running_gateway(redis_url) as base_url:
-        async def body() -> None:
-            async with openai_client(base_url) as client:
-                await checks(client)
+    async def checks(client: openai.AsyncOpenAI) -> None:
+        completion = await client.chat.completions.create(
+            model="alignq", messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi?"}],
+            n=2, max_tokens=12, temperature=0.7, seed=5,
+            extra_body={"budget": 8, "method": "bon", "priority": 3, "deadline_ms": 60_000})
+        assert [c.message.content for c in completion.choices] == ["the best answer here", "fine answer to Hi?"]
+        assert [c.index for c in completion.choices] == [0, 1]
+        assert completion.choices[0].finish_reason == "stop"
+        assert completion.object == "chat.completion" and completion.model == "alignq"
+        alignq = completion.model_extra["alignq"]
+        assert alignq["reward"] == 0.9 and alignq["rewards"] == [0.9, 0.5] and alignq["samples_used"] == 4
+        assert completion.id == f"chatcmpl-{alignq['request_id']}"
+        assert completion.usage.completion_tokens == 4 + 4 + 4 + 3  # every sample's tokens, not just the choices'
+        assert completion.usage.prompt_tokens > 0
+        assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+        assert [model.id async for model in client.models.list()] == ["alignq"]
 
-        async def checks(client: openai.AsyncOpenAI) -> None:
-            completion = await client.chat.completions.create(
-                model="alignq", messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi?"}],
-                n=2, max_tokens=12, temperature=0.7, seed=5,
-                extra_body={"budget": 8, "method": "bon", "priority": 3, "deadline_ms": 60_000})
-            assert [c.message.content for c in completion.choices] == ["the best answer here", "fine answer to Hi?"]
-            assert [c.index for c in completion.choices] == [0, 1]
-            assert completion.choices[0].finish_reason == "stop"
-            assert completion.object == "chat.completion" and completion.model == "alignq"
-            alignq = completion.model_extra["alignq"]
-            assert alignq["reward"] == 0.9 and alignq["rewards"] == [0.9, 0.5] and alignq["samples_used"] == 4
-            assert completion.id == f"chatcmpl-{alignq['request_id']}"
-            assert completion.usage.completion_tokens == 4 + 4 + 4 + 3  # every sample's tokens, not just the choices'
-            assert completion.usage.prompt_tokens > 0
-            assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
-            assert [model.id async for model in client.models.list()] == ["alignq"]
-
-        await with_scheduler(scheduler, body)
-        request = scheduler.requests[0]
-        assert (request.budget, request.method, request.priority, request.deadline_ms) == (8, Method.BON, 3, 60_000)
-        assert (request.max_new_tokens, request.temperature, request.seed) == (12, 0.7, 5)
-        assert [(m.role, m.content) for m in request.prompt] == [("system", "Be brief."), ("user", "Hi?")]
+    scheduler = await against_stand_in(redis_url, with_openai(checks))
+    request = scheduler.requests[0]
+    assert (request.budget, request.method, request.priority, request.deadline_ms) == (8, Method.BON, 3, 60_000)
+    assert (request.max_new_tokens, request.temperature, request.seed) == (12, 0.7, 5)
+    assert [(m.role, m.content) for m in request.prompt] == [("system", "Be brief."), ("user", "Hi?")]
 
 
 async def test_chat_stream_with_the_openai_client(redis_url: str) -> None:
-    scheduler = StandInScheduler(redis_url)
-    with running_gateway(redis_url) as base_url:
-        async def body() -> None:
-            async with openai_client(base_url) as client:
-                await checks(client)
+    async def checks(client: openai.AsyncOpenAI) -> None:
+        stream = await client.chat.completions.create(
+            model="alignq", messages=[{"role": "user", "content": "Stream?"}], stream=True,
+            stream_options={"include_usage": True}, extra_body={"budget": 4, "method": "bon"})
+        progress, text, finish, usage = [], "", None, None
+        async for chunk in stream:
+            extra = chunk.model_extra or {}
+            if not chunk.choices and extra.get("alignq"):
+                progress.append(extra["alignq"]["event"])
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+                finish = choice.finish_reason or finish
+            if chunk.usage is not None:
+                usage = chunk.usage
+        assert progress == ["queued", "explored", "allocated"]
+        assert text == "the best answer here"
+        assert finish == "stop"
+        assert usage is not None and usage.completion_tokens > 0
 
-        async def checks(client: openai.AsyncOpenAI) -> None:
-            stream = await client.chat.completions.create(
-                model="alignq", messages=[{"role": "user", "content": "Stream?"}], stream=True,
-                stream_options={"include_usage": True}, extra_body={"budget": 4, "method": "bon"})
-            progress, text, finish, usage = [], "", None, None
-            async for chunk in stream:
-                extra = chunk.model_extra or {}
-                if not chunk.choices and extra.get("alignq"):
-                    progress.append(extra["alignq"]["event"])
-                for choice in chunk.choices:
-                    text += choice.delta.content or ""
-                    finish = choice.finish_reason or finish
-                if chunk.usage is not None:
-                    usage = chunk.usage
-            assert progress == ["queued", "explored", "allocated"]
-            assert text == "the best answer here"
-            assert finish == "stop"
-            assert usage is not None and usage.completion_tokens > 0
-
-        await with_scheduler(scheduler, body)
+    await against_stand_in(redis_url, with_openai(checks))
 
 
 async def test_text_completions(redis_url: str) -> None:
-    scheduler = StandInScheduler(redis_url)
-    with running_gateway(redis_url) as base_url:
-        async def body() -> None:
-            async with openai_client(base_url) as client:
-                await checks(client)
+    async def checks(client: openai.AsyncOpenAI) -> None:
+        completion = await client.completions.create(model="alignq", prompt="Once upon", best_of=6, n=1)
+        assert completion.choices[0].text == "the best answer here"
+        assert completion.object == "text_completion"
+        stream = await client.completions.create(model="alignq", prompt=["Once more"], stream=True,
+                                                 extra_body={"method": "uniform"})
+        pieces = [c.choices[0].text async for c in stream if c.choices]
+        assert "".join(pieces) == "the best answer here"
 
-        async def checks(client: openai.AsyncOpenAI) -> None:
-            completion = await client.completions.create(model="alignq", prompt="Once upon", best_of=6, n=1)
-            assert completion.choices[0].text == "the best answer here"
-            assert completion.object == "text_completion"
-            stream = await client.completions.create(model="alignq", prompt=["Once more"], stream=True,
-                                                     extra_body={"method": "uniform"})
-            pieces = [c.choices[0].text async for c in stream if c.choices]
-            assert "".join(pieces) == "the best answer here"
-
-        await with_scheduler(scheduler, body)
-        assert scheduler.requests[0].budget == 6 and scheduler.requests[0].prompt == "Once upon"
-        assert scheduler.requests[1].method == Method.UNIFORM
+    scheduler = await against_stand_in(redis_url, with_openai(checks))
+    assert scheduler.requests[0].budget == 6 and scheduler.requests[0].prompt == "Once upon"
+    assert scheduler.requests[1].method == Method.UNIFORM
 
 
 async def test_curl_sees_progress_before_the_answer_exists(redis_url: str) -> None:
@@ -128,59 +114,53 @@ async def test_curl_sees_progress_before_the_answer_exists(redis_url: str) -> No
     async def hold_answer(request: AlignRequest) -> None:
         await seen_progress.wait()  # the answer is only written after curl printed the progress
 
-    scheduler = StandInScheduler(redis_url, before_answer=hold_answer)
-    with running_gateway(redis_url) as base_url:
+    async def body(base_url: str) -> None:
+        payload = json.dumps({"model": "alignq", "messages": [{"role": "user", "content": "curl?"}],
+                              "stream": True, "budget": 4, "alignq_progress": "comments"})
+        lines: list[str] = []
+        async with await anyio.open_process(
+            [curl, "-sN", f"{base_url}/v1/chat/completions", "-H", "Content-Type: application/json", "-d", payload]
+        ) as process:
+            buffer = b""
+            async for data in process.stdout:
+                buffer += data
+                *complete, buffer = buffer.split(b"\n")
+                lines.extend(line.decode() for line in complete if line.strip())
+                if sum(line.startswith(": alignq") for line in lines) == 3:
+                    seen_progress.set()
+        progress = [json.loads(line[len(": alignq "):])["event"] for line in lines if line.startswith(": alignq")]
+        assert progress == ["queued", "explored", "allocated"]
+        data = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+        assert data[-1] == "[DONE]"
+        chunks = [json.loads(d) for d in data[:-1]]
+        assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "the best answer here"
+        assert lines.index(next(line for line in lines if line.startswith(": alignq"))) < lines.index(f"data: {data[0]}")
 
-        async def body() -> None:
-            payload = json.dumps({"model": "alignq", "messages": [{"role": "user", "content": "curl?"}],
-                                  "stream": True, "budget": 4, "alignq_progress": "comments"})
-            lines: list[str] = []
-            async with await anyio.open_process(
-                [curl, "-sN", f"{base_url}/v1/chat/completions", "-H", "Content-Type: application/json", "-d", payload]
-            ) as process:
-                buffer = b""
-                async for data in process.stdout:
-                    buffer += data
-                    *complete, buffer = buffer.split(b"\n")
-                    lines.extend(line.decode() for line in complete if line.strip())
-                    if sum(line.startswith(": alignq") for line in lines) == 3:
-                        seen_progress.set()
-            progress = [json.loads(line[len(": alignq "):])["event"] for line in lines if line.startswith(": alignq")]
-            assert progress == ["queued", "explored", "allocated"]
-            data = [line[len("data: "):] for line in lines if line.startswith("data: ")]
-            assert data[-1] == "[DONE]"
-            chunks = [json.loads(d) for d in data[:-1]]
-            assert all(c["object"] == "chat.completion.chunk" for c in chunks)
-            assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "the best answer here"
-            assert lines.index(next(line for line in lines if line.startswith(": alignq"))) < lines.index(f"data: {data[0]}")
-
-        await with_scheduler(scheduler, body)
+    await against_stand_in(redis_url, body, scheduler=StandInScheduler(redis_url, before_answer=hold_answer))
 
 
 async def test_api_keys(redis_url: str) -> None:
-    scheduler = StandInScheduler(redis_url)
-    with running_gateway(redis_url, api_keys=["sk-good", "sk-other"]) as base_url:
+    async def body(base_url: str) -> None:
+        for key in (None, "sk-bad"):
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            async with httpx.AsyncClient() as http:
+                response = await http.post(f"{base_url}/v1/chat/completions", headers=headers,
+                                           json={"messages": [{"role": "user", "content": "hi"}]})
+            assert response.status_code == 401
+            assert response.json()["error"]["type"] == "authentication_error"
+        async with openai_client(base_url, "sk-bad") as client:
+            with pytest.raises(openai.AuthenticationError):
+                await client.chat.completions.create(model="alignq", messages=[{"role": "user", "content": "hi"}])
+        async with openai_client(base_url, "sk-other") as client:
+            completion = await client.chat.completions.create(
+                model="alignq", messages=[{"role": "user", "content": "hi"}])
+        assert completion.choices[0].message.content == "the best answer here"
+        async with httpx.AsyncClient() as http:  # probes and scrapers need no key
+            assert (await http.get(f"{base_url}/healthz")).status_code == 200
+            assert (await http.get(f"{base_url}/metrics")).status_code == 200
 
-        async def body() -> None:
-            for key in (None, "sk-bad"):
-                headers = {"Authorization": f"Bearer {key}"} if key else {}
-                async with httpx.AsyncClient() as http:
-                    response = await http.post(f"{base_url}/v1/chat/completions", headers=headers,
-                                               json={"messages": [{"role": "user", "content": "hi"}]})
-                assert response.status_code == 401
-                assert response.json()["error"]["type"] == "authentication_error"
-            async with openai_client(base_url, "sk-bad") as client:
-                with pytest.raises(openai.AuthenticationError):
-                    await client.chat.completions.create(model="alignq", messages=[{"role": "user", "content": "hi"}])
-            async with openai_client(base_url, "sk-other") as client:
-                completion = await client.chat.completions.create(
-                    model="alignq", messages=[{"role": "user", "content": "hi"}])
-            assert completion.choices[0].message.content == "the best answer here"
-            async with httpx.AsyncClient() as http:  # probes and scrapers need no key
-                assert (await http.get(f"{base_url}/healthz")).status_code == 200
-                assert (await http.get(f"{base_url}/metrics")).status_code == 200
-
-        await with_scheduler(scheduler, body)
+    scheduler = await against_stand_in(redis_url, body, api_keys=["sk-good", "sk-other"])
     assert len(scheduler.requests) == 1  # the rejected calls queued nothing
 
 
@@ -242,17 +222,14 @@ async def test_deadline_is_504(redis_url: str) -> None:
         return AlignResult(request_id=request.request_id, status=ResultStatus.ERROR, method=request.method,
                            error=ErrorInfo(code=ErrorCode.DEADLINE_EXCEEDED, message="deadline passed, no sample"))
 
-    scheduler = StandInScheduler(redis_url, answer=late)
-    with running_gateway(redis_url) as base_url:
+    async def body(base_url: str) -> None:
+        async with httpx.AsyncClient() as http:
+            response = await http.post(f"{base_url}/v1/chat/completions",
+                                       json={"messages": [{"role": "user", "content": "hi"}], "deadline_ms": 5})
+        assert response.status_code == 504
+        assert response.json()["error"]["code"] == "deadline_exceeded"
 
-        async def body() -> None:
-            async with httpx.AsyncClient() as http:
-                response = await http.post(f"{base_url}/v1/chat/completions",
-                                           json={"messages": [{"role": "user", "content": "hi"}], "deadline_ms": 5})
-            assert response.status_code == 504
-            assert response.json()["error"]["code"] == "deadline_exceeded"
-
-        await with_scheduler(scheduler, body)
+    await against_stand_in(redis_url, body, scheduler=StandInScheduler(redis_url, answer=late))
     # nobody answers within request_timeout_s: also 504
     with running_gateway(redis_url, request_timeout_s=0.5) as base_url:
         async with httpx.AsyncClient() as http:
@@ -264,22 +241,20 @@ async def test_batch_streams_results_as_they_finish(redis_url: str) -> None:
     async def in_reverse(request: AlignRequest) -> None:
         await anyio.sleep(0.5 * (3 - int(request.prompt.split()[-1])))  # item 3 first, item 0 last
 
+    async def body(base_url: str) -> None:
+        payload = {"requests": [{"prompt": f"item {i}"} for i in range(4)],
+                   "defaults": {"budget": 2, "method": "uniform"}}
+        async with httpx.AsyncClient(timeout=30) as http, \
+                http.stream("POST", f"{base_url}/v1/align/batch", json=payload) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("application/x-ndjson")
+            lines = [json.loads(line) async for line in response.aiter_lines() if line]
+        assert [line["index"] for line in lines] == [3, 2, 1, 0]
+        assert all(line["result"]["status"] == "ok" for line in lines)
+        assert {line["request_id"] for line in lines} == {r.request_id for r in scheduler.requests}
+
     scheduler = StandInScheduler(redis_url, before_answer=in_reverse, method_events=False)
-    with running_gateway(redis_url) as base_url:
-
-        async def body() -> None:
-            payload = {"requests": [{"prompt": f"item {i}"} for i in range(4)],
-                       "defaults": {"budget": 2, "method": "uniform"}}
-            async with httpx.AsyncClient(timeout=30) as http, \
-                    http.stream("POST", f"{base_url}/v1/align/batch", json=payload) as response:
-                assert response.status_code == 200
-                assert response.headers["content-type"].startswith("application/x-ndjson")
-                lines = [json.loads(line) async for line in response.aiter_lines() if line]
-            assert [line["index"] for line in lines] == [3, 2, 1, 0]
-            assert all(line["result"]["status"] == "ok" for line in lines)
-            assert {line["request_id"] for line in lines} == {r.request_id for r in scheduler.requests}
-
-        await with_scheduler(scheduler, body)
+    await against_stand_in(redis_url, body, scheduler=scheduler)
     assert all(r.budget == 2 and r.method == Method.UNIFORM for r in scheduler.requests)
 
 
@@ -306,35 +281,34 @@ async def test_result_by_id(redis_url: str) -> None:
 
 async def test_healthz_and_metrics_move(redis_url: str) -> None:
     scheduler = StandInScheduler(redis_url)
-    with running_gateway(redis_url) as base_url:
 
-        async def body() -> None:
-            async with httpx.AsyncClient() as http:
-                health = (await http.get(f"{base_url}/healthz")).json()
-                assert health["status"] == "degraded" and health["workers"] == 0 and health["gateways"] == 1
-                await scheduler.redis.set(KEYS.heartbeat("scheduler", "s1"), b"1", ex=10)
-                await scheduler.redis.set(KEYS.heartbeat("worker", "w1"), b"1", ex=10)
-                health = (await http.get(f"{base_url}/healthz")).json()
-                assert health == {"status": "ok", "redis": "ok", "schedulers": 1, "workers": 1, "gateways": 1,
-                                  "pending": 0}
+    async def body(base_url: str) -> None:
+        async with httpx.AsyncClient() as http:
+            health = (await http.get(f"{base_url}/healthz")).json()
+            assert health["status"] == "degraded" and health["workers"] == 0 and health["gateways"] == 1
+            await scheduler.redis.set(KEYS.heartbeat("scheduler", "s1"), b"1", ex=10)
+            await scheduler.redis.set(KEYS.heartbeat("worker", "w1"), b"1", ex=10)
+            health = (await http.get(f"{base_url}/healthz")).json()
+            assert health == {"status": "ok", "redis": "ok", "schedulers": 1, "workers": 1, "gateways": 1,
+                              "pending": 0}
 
-                def scrape(text: str) -> dict:
-                    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                            for f in text_string_to_metric_families(text) for s in f.samples}
+            def scrape(text: str) -> dict:
+                return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                        for f in text_string_to_metric_families(text) for s in f.samples}
 
-                before = scrape((await http.get(f"{base_url}/metrics")).text)
-                key = ("alignq_gateway_requests_total", (("code", "200"), ("endpoint", "/v1/chat/completions")))
-                assert before.get(key, 0) == 0
-                response = await http.post(f"{base_url}/v1/chat/completions",
-                                           json={"messages": [{"role": "user", "content": "count me"}]})
-                assert response.status_code == 200
-                after = scrape((await http.get(f"{base_url}/metrics")).text)
-                assert after[key] == 1
-                assert after[("alignq_queue_pending", ())] == 0
-                assert after[("alignq_live_instances", (("role", "worker"),))] == 1
-                assert after[("alignq_gateway_request_seconds_count", (("endpoint", "/v1/chat/completions"),))] == 1
+            before = scrape((await http.get(f"{base_url}/metrics")).text)
+            key = ("alignq_gateway_requests_total", (("code", "200"), ("endpoint", "/v1/chat/completions")))
+            assert before.get(key, 0) == 0
+            response = await http.post(f"{base_url}/v1/chat/completions",
+                                       json={"messages": [{"role": "user", "content": "count me"}]})
+            assert response.status_code == 200
+            after = scrape((await http.get(f"{base_url}/metrics")).text)
+            assert after[key] == 1
+            assert after[("alignq_queue_pending", ())] == 0
+            assert after[("alignq_live_instances", (("role", "worker"),))] == 1
+            assert after[("alignq_gateway_request_seconds_count", (("endpoint", "/v1/chat/completions"),))] == 1
 
-        await with_scheduler(scheduler, body)
+    await against_stand_in(redis_url, body, scheduler=scheduler)
 
 
 async def test_sigterm_lets_an_in_flight_stream_finish(redis_url: str) -> None:
@@ -397,17 +371,15 @@ async def test_batch_beyond_max_pending_reports_the_rejected_items(redis_url: st
     async def slowly(request: AlignRequest) -> None:
         await anyio.sleep(0.5)  # no slot frees while the batch is being submitted
 
-    scheduler = StandInScheduler(redis_url, before_answer=slowly, method_events=False)
-    with running_gateway(redis_url, max_pending=2) as base_url:
+    async def body(base_url: str) -> None:
+        async with httpx.AsyncClient(timeout=30) as http:
+            response = await http.post(f"{base_url}/v1/align/batch",
+                                       json={"requests": [{"prompt": f"p{i}"} for i in range(4)]})
+        lines = [json.loads(line) for line in response.text.splitlines() if line]
+        rejected = sorted(line["index"] for line in lines if "error" in line)
+        answered = sorted(line["index"] for line in lines if "result" in line)
+        assert rejected == [2, 3] and answered == [0, 1]
+        assert all(line["error"]["code"] == "overloaded" for line in lines if "error" in line)
 
-        async def body() -> None:
-            async with httpx.AsyncClient(timeout=30) as http:
-                response = await http.post(f"{base_url}/v1/align/batch",
-                                           json={"requests": [{"prompt": f"p{i}"} for i in range(4)]})
-            lines = [json.loads(line) for line in response.text.splitlines() if line]
-            rejected = sorted(line["index"] for line in lines if "error" in line)
-            answered = sorted(line["index"] for line in lines if "result" in line)
-            assert rejected == [2, 3] and answered == [0, 1]
-            assert all(line["error"]["code"] == "overloaded" for line in lines if "error" in line)
-
-        await with_scheduler(scheduler, body)
+    await against_stand_in(redis_url, body, scheduler=StandInScheduler(redis_url, before_answer=slowly, method_events=False),
+                           max_pending=2)

@@ -55,5 +55,28 @@ async def test_two_schedulers_share_one_model(redis_url: str) -> None:
         assert second.fit_for("continuous:hash") is not None and second.fit_for("bernoulli:hash") is None
         await sync_spread_model(first, redis, keys)  # nothing new: reads the shared sum
         assert first.fit_for("continuous:hash").count == 12
+        assert await redis.exists(keys.spread_model(None, "continuous:hash"))
+    finally:
+        await redis.aclose()
+
+
+async def test_each_policy_model_learns_its_own_spreads(redis_url: str) -> None:
+    redis = Redis.from_url(redis_url)
+    keys = Keys("t-models")
+    rng = np.random.default_rng(1)
+    writer, reader = SpreadModel(), SpreadModel()
+    try:
+        for i in range(10):
+            writer.observe(f"prompt {i} " + "word " * i, list(rng.normal(0, 1.0 + i, 16)), model="policy-a")
+        assert await sync_spread_model(writer, redis, keys) == 10
+        assert writer.fit_for("continuous:hash", "policy-a") is not None
+        assert writer.fit_for("continuous:hash") is None  # the default model learned nothing
+        assert await redis.exists(keys.spread_model("policy-a", "continuous:hash"))
+        assert not await redis.exists(keys.spread_model(None, "continuous:hash"))
+        assert reader.fit_for("continuous:hash", "policy-a") is None  # asked: the next sync loads it
+        await sync_spread_model(reader, redis, keys)
+        fit = reader.fit_for("continuous:hash", "policy-a")
+        assert fit is not None and fit.count == 10 and reader.has_fit_for(["policy-a"])
+        assert not reader.has_fit_for(["policy-a", None])
     finally:
         await redis.aclose()

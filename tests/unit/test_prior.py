@@ -72,9 +72,11 @@ def test_spread_model_queues_observations_by_kind() -> None:
     model.observe("b", [0.2, 0.5])
     model.observe("c", [0.5])  # one sample: no spread to learn
     model.observe("d", [0.2, 0.5], embedding=[0.1, 0.2])
-    assert {k: len(v) for k, v in model.pending.items()} == {"bernoulli:hash": 1, "continuous:hash": 1,
-                                                             "continuous:embedding": 1}
-    assert model.pending["continuous:embedding"][0][0].shape == (4,)  # length (2) + the embedding
+    model.observe("e", [0.2, 0.5], model="other-policy")
+    assert {k: len(v) for k, v in model.pending.items()} == {
+        (None, "bernoulli:hash"): 1, (None, "continuous:hash"): 1, (None, "continuous:embedding"): 1,
+        ("other-policy", "continuous:hash"): 1}  # one model per policy: spreads are the policy's
+    assert model.pending[(None, "continuous:embedding")][0][0].shape == (4,)  # length (2) + the embedding
     assert reward_kind([0.0, 1.0]) == "bernoulli" and reward_kind([0.5, 1.0]) == "continuous"
     assert not model.has_fit
 

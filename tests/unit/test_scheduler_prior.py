@@ -20,7 +20,7 @@ def test_with_a_fitted_spread_model_exploration_shrinks_and_answers_teach_it() -
     core = make_core(spread_prior=True, prior_explore_fraction=0.25, default_budget=16, max_window=2)
     jobs = {j.request_id: j for j in admit_all(core, make_request("a"), make_request("b")).jobs}
     assert jobs["a"].num_samples == 8  # f = 0.5: no model yet
-    core.spread.fits["continuous:hash"] = _fit_where_long_prompts_spread().fit()
+    core.spread.fits[(None, "continuous:hash")] = _fit_where_long_prompts_spread().fit()
     plan = admit_all(core, make_request("c", prompt="why"), make_request("d", prompt="why " * 11 + "why"))
     explore = {j.request_id: j for j in plan.jobs}
     assert explore["c"].num_samples == 4 and explore["d"].num_samples == 4  # f = 0.25 with a model
@@ -31,7 +31,25 @@ def test_with_a_fitted_spread_model_exploration_shrinks_and_answers_teach_it() -
     assert allocated.get("d", 0) > allocated.get("c", 0)  # the prompt predicted to spread more gets more
     for job in stage2.jobs:
         core.on_sample_set(reply(job), T0 + 9)
-    assert len(core.spread.pending["continuous:hash"]) == 2  # answered: queued for the shared model
+    assert len(core.spread.pending[(None, "continuous:hash")]) == 2  # answered: queued for the shared model
+
+
+def test_the_spread_prior_is_per_policy_model() -> None:
+    core = make_core(spread_prior=True, prior_explore_fraction=0.25, default_budget=16, max_window=2)
+    core.spread.fits[("big", "continuous:hash")] = _fit_where_long_prompts_spread().fit()
+    plan = admit_all(core, make_request("c", prompt="why", model="small"),
+                     make_request("d", prompt="why " * 11 + "why", model="small"))
+    explore = {j.request_id: j for j in plan.jobs}
+    assert explore["c"].num_samples == 8  # another model's fit: no prior, the configured f = 0.5
+    core.on_sample_set(reply(explore["c"], [0.0] * 8), T0 + 5)
+    stage2 = core.on_sample_set(reply(explore["d"], [0.0] * 8), T0 + 6)
+    for job in stage2.jobs:
+        core.on_sample_set(reply(job), T0 + 9)
+    assert "small" in core.spread.models and not core.spread.fit_for("continuous:hash", "small")
+    assert len(core.spread.pending[("small", "continuous:hash")]) == 2  # answers teach their own model
+    assert ("big", "continuous:hash") not in core.spread.pending
+    plan = admit_all(core, make_request("e", prompt="why", model="big"), make_request("f", prompt="why", model="big"))
+    assert all(j.num_samples == 4 for j in plan.jobs)  # its own model's fit: f = 0.25
 
 
 def test_explore_replies_keep_the_prompt_embedding_out_of_result_stats() -> None:
@@ -44,7 +62,7 @@ def test_explore_replies_keep_the_prompt_embedding_out_of_result_stats() -> None
         plan = core.on_sample_set(reply(exploit), T0 + 2)
     (answer,) = plan.answers
     assert "prompt_embedding" not in answer.result.stats
-    assert core.spread.pending["continuous:embedding"][0][0].shape == (4,)
+    assert core.spread.pending[(None, "continuous:embedding")][0][0].shape == (4,)
 
 
 def test_a_measured_round_time_turns_a_tight_deadline_into_one_round() -> None:
