@@ -18,25 +18,21 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from middleware.scheduler.core import SchedulerCore
 from middleware.scheduler.effects import PlanWriter, retry
 from middleware.scheduler.plans import Plan
-from middleware.settings import SchedulerSettings
 from schemas import (
     SCHEDULER_GROUP,
     AlignRequest,
     ErrorCode,
     ErrorInfo,
-    Keys,
     Sample,
     SchemaError,
     decode,
     now_ms,
     salvage_request_id,
 )
-from schemas.transport import StreamConsumer, StreamEntry, dead_letter
+from schemas.transport import StreamEntry, dead_letter
 
 __all__ = ["Intake", "decode_kept"]
 
@@ -55,16 +51,13 @@ def decode_kept(request_id: str, raw: dict[bytes, bytes]) -> list[Sample]:
 
 
 class Intake:
-    """Admission for one scheduler: ``consumer`` reads its requests stream, ``writer`` applies the plans."""
+    """Admission for one scheduler: entries come from ``writer.consumer``; ``writer`` applies the plans."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, settings: SchedulerSettings, core: SchedulerCore, *,
-                 consumer: StreamConsumer, writer: PlanWriter) -> None:
-        self.redis = redis
-        self.keys = keys
-        self.settings = settings
+    def __init__(self, core: SchedulerCore, writer: PlanWriter) -> None:
         self.core = core
-        self.consumer = consumer
         self.writer = writer
+        # the writer's connection, keys, settings and request consumer: one scheduler, one of each
+        self.redis, self.keys, self.settings, self.consumer = writer.redis, writer.keys, writer.settings, writer.consumer
 
     async def take(self, entries: list[StreamEntry], *, redelivered: bool = False) -> None:
         """Validate entries at the boundary and admit the good ones; never raises on bad input."""

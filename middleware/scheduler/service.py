@@ -80,7 +80,7 @@ class Scheduler:
         self.tracing = SchedulerTracing(self.scheduler_id)
         self.writer = PlanWriter(self.redis, self.keys, settings, self.scheduler_id, consumer=self.requests,
                                  requests=self.core.requests, telemetry=self.telemetry, tracing=self.tracing)
-        self.intake = Intake(self.redis, self.keys, settings, self.core, consumer=self.requests, writer=self.writer)
+        self.intake = Intake(self.core, self.writer)
         self._samples_stream = self.keys.samples(self.scheduler_id)
         self._samples_cursor = "0-0"
 

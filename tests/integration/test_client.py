@@ -7,7 +7,7 @@ import time
 import anyio
 import pytest
 import redis.asyncio as aioredis
-from gateway_support import publish_answer, publish_event
+from gateway_support import KEYS, publish_answer, publish_event
 
 from middleware.client import (
     BadRequest,
@@ -28,7 +28,6 @@ from schemas import (
     ErrorInfo,
     Event,
     EventKind,
-    Keys,
     Method,
     ResultStatus,
     Sample,
@@ -36,7 +35,6 @@ from schemas import (
 )
 
 pytestmark = pytest.mark.anyio
-KEYS = Keys("alignq")
 
 
 def ok_result(request_id: str, reward: float = 0.9) -> AlignResult:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pathlib
 
-import pytest
 import torch
+from engine_support import engine_request, texts
 
 from workers.engine import Engine, GenerationRequest, GenerationResult
 from workers.models import Policy, load_policy, load_reward
@@ -16,23 +16,8 @@ torch.set_num_threads(1)
 LONG_PROMPT = "Write a long and detailed story about a dragon who learns to bake bread in a small village."
 
 
-@pytest.fixture(scope="module")
-def llama(tiny_llama_dir: pathlib.Path) -> Policy:
-    return load_policy(str(tiny_llama_dir), device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def reward() -> FunctionReward:
-    return load_reward("python:workers.scorers:distinct_words")
-
-
 def request(key: str, prompt: str = "Hello there", **fields) -> GenerationRequest:
-    fields = {"num_samples": 4, "max_new_tokens": 12, "temperature": 1.0, "seed": 0} | fields
-    return GenerationRequest(key=key, prompt=prompt, **fields)
-
-
-def texts(result: GenerationResult) -> list[str]:
-    return [s.text for s in result.samples]
+    return engine_request(key, prompt, **{"max_new_tokens": 12} | fields)
 
 
 def drain(engine: Engine) -> dict[str, GenerationResult]:
@@ -43,11 +28,11 @@ def drain(engine: Engine) -> dict[str, GenerationResult]:
 
 
 def test_cancel_drops_rows_mid_decode_and_leaves_other_samples_byte_identical(llama: Policy,
-                                                                              reward: FunctionReward) -> None:
+                                                                              words_reward: FunctionReward) -> None:
     victim = request("victim", LONG_PROMPT, num_samples=6, max_new_tokens=20, seed=1)
     other = request("other", num_samples=5, max_new_tokens=16, seed=2, top_p=0.9)
-    alone = Engine(llama, reward, max_batch=16).run([other])[0]
-    engine = Engine(llama, reward, max_batch=16)
+    alone = Engine(llama, words_reward, max_batch=16).run([other])[0]
+    engine = Engine(llama, words_reward, max_batch=16)
     engine.submit([victim, other])
     for _ in range(4):
         assert engine.step() == []
@@ -63,11 +48,11 @@ def test_cancel_drops_rows_mid_decode_and_leaves_other_samples_byte_identical(ll
 
 
 def test_a_request_joining_a_running_batch_gets_the_samples_it_gets_alone(llama: Policy,
-                                                                          reward: FunctionReward) -> None:
+                                                                          words_reward: FunctionReward) -> None:
     first = request("first", num_samples=3, max_new_tokens=10, seed=4)
     late = request("late", LONG_PROMPT, num_samples=4, max_new_tokens=8, seed=5)
-    expected = {r.key: texts(Engine(llama, reward).run([r])[0]) for r in (first, late)}
-    engine = Engine(llama, reward, max_batch=16)
+    expected = {r.key: texts(Engine(llama, words_reward).run([r])[0]) for r in (first, late)}
+    engine = Engine(llama, words_reward, max_batch=16)
     engine.submit([first])
     for _ in range(3):
         engine.step()
@@ -76,8 +61,8 @@ def test_a_request_joining_a_running_batch_gets_the_samples_it_gets_alone(llama:
     assert {key: texts(r) for key, r in results.items()} == expected
 
 
-def test_short_jobs_do_not_wait_for_a_long_one(llama: Policy, reward: FunctionReward) -> None:
-    engine = Engine(llama, reward, max_batch=4)
+def test_short_jobs_do_not_wait_for_a_long_one(llama: Policy, words_reward: FunctionReward) -> None:
+    engine = Engine(llama, words_reward, max_batch=4)
     engine.submit([request("long", num_samples=2, max_new_tokens=40), request("short1", num_samples=2,
                    max_new_tokens=4), request("short2", num_samples=2, max_new_tokens=4, seed=9)])
     finished_at: dict[str, int] = {}
@@ -89,11 +74,11 @@ def test_short_jobs_do_not_wait_for_a_long_one(llama: Policy, reward: FunctionRe
     assert finished_at["short1"] == 4 and finished_at["short2"] == 8 and finished_at["long"] == 40
 
 
-def test_a_later_stage_reuses_the_prefilled_prompt(llama: Policy, reward: FunctionReward) -> None:
+def test_a_later_stage_reuses_the_prefilled_prompt(llama: Policy, words_reward: FunctionReward) -> None:
     explore = request("explore", LONG_PROMPT, num_samples=3, seed=5)
     exploit = request("exploit", LONG_PROMPT, num_samples=5, seed=5, sample_offset=3)
-    reference = texts(Engine(llama, reward, prompt_cache_size=0).run([exploit])[0])
-    engine = Engine(llama, reward)
+    reference = texts(Engine(llama, words_reward, prompt_cache_size=0).run([exploit])[0])
+    engine = Engine(llama, words_reward)
     engine.run([explore])
     prefilled = engine.num_prefill_tokens
     assert texts(engine.run([exploit])[0]) == reference

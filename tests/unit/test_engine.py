@@ -12,6 +12,8 @@ import pathlib
 
 import pytest
 import torch
+from engine_support import engine_request as request
+from engine_support import texts
 
 from workers.engine import Engine, GenerationRequest, derive_seed, plan_parts
 from workers.models import Policy, load_policy, load_reward
@@ -28,27 +30,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_llama_dir: pathlib.Path) -> Policy:
-    return load_policy(str(tiny_llama_dir), device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
 def gpt2(tiny_gpt2_dir: pathlib.Path) -> Policy:
     return load_policy(str(tiny_gpt2_dir), device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def words_reward() -> FunctionReward:
-    return load_reward("python:workers.scorers:distinct_words")
-
-
-def request(key: str = "r", prompt: str | list[dict] = "Hello there", **fields) -> GenerationRequest:
-    fields = {"num_samples": 4, "max_new_tokens": 8, "temperature": 1.0, "seed": 0} | fields
-    return GenerationRequest(key=key, prompt=prompt, **fields)
-
-
-def texts(result) -> list[str]:
-    return [s.text for s in result.samples]
 
 
 def test_many_prompts_each_with_its_own_n(llama: Policy, words_reward: FunctionReward) -> None:
