@@ -6,21 +6,25 @@ name cannot name its keys. Callers see their own ids only: the SDK scopes on the
 on the way out.
 
 The fingerprint of a request is what an idempotent retry must repeat: everything but the id, the
-submit time and the trace context. The same id with another fingerprint is a conflict (409).
+submit time and the trace context. The same id with another fingerprint is a conflict (409). It hashes
+canonical msgpack (fields in declaration order, metadata sorted by key), the encoding the request goes on
+the wire with, so the client packs each request's fields once for both (``middleware.client.wire_form``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 from typing import Any
 
-__all__ = ["SCOPE_SEPARATOR", "caller_request_id", "key_tenant", "request_fingerprint", "scoped_request_id"]
+import msgpack
+
+__all__ = ["NOT_FINGERPRINTED", "SCOPE_SEPARATOR", "caller_request_id", "fingerprint_fields", "hash_fingerprint",
+           "key_tenant", "request_fingerprint", "scoped_request_id"]
 
 SCOPE_SEPARATOR = "/"
 #: Fields a retry may change without being a different request.
-_NOT_FINGERPRINTED = frozenset({"request_id", "submitted_at_ms", "traceparent", "schema_version"})
+NOT_FINGERPRINTED = frozenset({"request_id", "submitted_at_ms", "traceparent", "schema_version"})
 
 
 def scoped_request_id(tenant: str | None, request_id: str) -> str:
@@ -38,8 +42,20 @@ def key_tenant(api_key: str, *, secret: str) -> str:
     return "key-" + hmac.new(secret.encode(), api_key.encode(), hashlib.sha256).hexdigest()[:16]
 
 
+def fingerprint_fields(request_fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields a fingerprint covers, in ``request_fields``' (declaration) order, metadata sorted by key."""
+    kept = {k: v for k, v in request_fields.items() if k not in NOT_FINGERPRINTED}
+    metadata = kept.get("metadata")
+    if metadata and len(metadata) > 1:  # the caller's insertion order must not make a retry a conflict
+        kept["metadata"] = dict(sorted(metadata.items()))
+    return kept
+
+
+def hash_fingerprint(packed_fields: bytes) -> str:
+    """The fingerprint of ``msgpack.packb(fingerprint_fields(...), use_bin_type=True)``."""
+    return hashlib.sha256(packed_fields).hexdigest()[:32]
+
+
 def request_fingerprint(request_fields: dict[str, Any]) -> str:
-    """SHA-256 of a request's canonical JSON (``model_dump(mode="json")``), id and timing left out."""
-    kept = {k: v for k, v in request_fields.items() if k not in _NOT_FINGERPRINTED}
-    canonical = json.dumps(kept, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+    """SHA-256 of a request's canonical msgpack (``model_dump()``, declaration order), id and timing left out."""
+    return hash_fingerprint(msgpack.packb(fingerprint_fields(request_fields), use_bin_type=True))

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from middleware.bench.allocation_report import BASELINES, format_table, plot_rows
+from middleware.bench.allocation_report import format_table, plot_rows
 from middleware.bench.equivalence import (
     Interval,
     budget_equivalence,
@@ -316,18 +316,21 @@ def time_large_window(rewards: list[np.ndarray], methods: list[str], *, num_prom
     return timings
 
 
-def _folds(args: argparse.Namespace, rewards: list[np.ndarray], methods: list[str]) -> tuple[list[Any], list[float]]:
-    """Held-out folds with priors learned off-fold (``--cross-validate``); mean held-out R² per target."""
+def _folds(args: argparse.Namespace, rewards: list[np.ndarray],
+           methods: list[str]) -> tuple[list[Any], dict[str, list[Any]]]:
+    """Held-out folds with priors learned off-fold (``--cross-validate``); the predictor's held-out fit per
+    target: mean R² over folds, and Pearson r over all held-out prompts with its 95% interval."""
     needs_prior = any(MethodSpec.parse(m).uses_prior for m in methods)
     if needs_prior and args.cross_validate < 2:
         raise UsageError("+prior methods learn from other prompts: give --cross-validate FOLDS (>= 2)")
     if args.cross_validate < 2:
-        return [], []
+        return [], {"prior_held_out_r2": [], "prior_held_out_r": []}
     from middleware.bench.pools import load_pool
-    from middleware.bench.prior_cv import make_folds, oracle_folds, pool_features
+    from middleware.bench.prior_cv import held_out_correlation, make_folds, oracle_folds, pool_features
 
     if args.prior_features == "oracle":
-        return oracle_folds(rewards, num_folds=args.cross_validate, seed=args.seed), []
+        return (oracle_folds(rewards, num_folds=args.cross_validate, seed=args.seed),
+                {"prior_held_out_r2": [], "prior_held_out_r": []})
 
     pool = load_pool(args.pool) if not args.pool.startswith("synthetic:") else None
     texts = [p.prompt for p in pool.prompts] if pool else [f"synthetic prompt {i}" for i in range(len(rewards))]
@@ -337,7 +340,8 @@ def _folds(args: argparse.Namespace, rewards: list[np.ndarray], methods: list[st
                            seed=args.seed)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    return folds, [float(np.nanmean(v)) for v in zip(*(f.held_out_r2 for f in folds))]
+    return folds, {"prior_held_out_r2": [float(np.nanmean(v)) for v in zip(*(f.held_out_r2 for f in folds))],
+                   "prior_held_out_r": held_out_correlation(folds, seed=args.seed)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -348,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
         grid = [float(g) for g in str(args.saving_grid).split(",") if g.strip()]
     except ValueError as e:
         raise UsageError(f"--saving-grid takes comma-separated multiples of B, got {args.saving_grid!r}") from e
-    folds, fold_r2 = _folds(args, rewards, methods)
+    folds, fold_fit = _folds(args, rewards, methods)
     rows = simulate(rewards, ks=ks, methods=methods, budget=args.budget, explore_fraction=args.explore_fraction,
                     num_runs=args.runs, num_batches=args.batches, seed=args.seed,
                     floor_fraction=args.floor_fraction, cap_factor=args.cap_factor, saving_grid=grid,
@@ -360,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
               "cap_factor": args.cap_factor, "runs": args.runs, "batches": args.batches,
               "seed": args.seed, "elapsed_s": round(time.perf_counter() - started, 2), "saving_grid": grid,
               "cross_validate": args.cross_validate, "prior_features": args.prior_features,
-              "prior_held_out_r2": fold_r2,
+              **fold_fit,
               "allocation_ms_256_prompts": timings, "results": [asdict(r) for r in rows]}
     if args.plot:
         plot_rows(rows, args.plot, f"{args.pool}: B={args.budget}, d={rows[0].num_explore}, {args.batches}×{args.runs}")

@@ -7,6 +7,12 @@ Three numbers, measured against the same server in one invocation:
 3. ``redis-benchmark`` running plain ``XADD`` of a payload the size of an encoded request, over one
    connection with pipeline depth ``--pipeline`` — the ceiling any client on one connection can reach.
 
+Wall-clock rates depend on what else the host runs, so each of 2 and 3 also reports the CPU time it
+costs per request, the client's (this process, or redis-benchmark) and the server's (when Redis runs
+on this host), and ``submit_many_over_redis_cpu``: redis-benchmark's CPU per XADD over submit_many's
+per request, the ratio an otherwise idle host would show. ``redis_benchmark_standard_xadd_per_s`` is
+redis-benchmark in its own default configuration (50 connections, no pipelining) for reference.
+
 Plus the scheduler's allocation time for a window of 256 prompts (``middleware.allocation.plan_window``
 on realistic explore rewards, median of repeats). No scheduler is needed: the benchmark writes into
 its own namespace (``alignq-bench-ingest-<pid>``) and deletes every key it created.
@@ -40,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="redis-benchmark connections (-c); 1 matches the client's single connection")
     parser.add_argument("--redis-benchmark-requests", type=int, default=200_000,
                         help="XADDs redis-benchmark sends (default 200000)")
+    parser.add_argument("--standard-baseline-requests", type=int, default=100_000,
+                        help="XADDs of the reference run in redis-benchmark's defaults (-c 50 -P 1); 0 skips it")
     parser.add_argument("--window", type=int, default=256, help="prompts in the allocation window")
     parser.add_argument("--window-budget", type=int, default=16, help="budget per prompt in the allocation window")
     parser.add_argument("--repeats", type=int, default=21, help="allocation repeats (median reported)")
@@ -59,11 +67,25 @@ def run(args: argparse.Namespace) -> int:
 
     with redis_for_bench(args.redis_url) as redis_url:
         report = anyio.run(_measure_client, redis_url, args)
+        server_cpu_s = server_cpu_clock(redis_url)
+        server_before_s, children_before_s = server_cpu_s(), children_cpu_s()
         report["redis_benchmark_xadd_per_s"] = redis_benchmark_xadd(
             redis_url, num_requests=args.redis_benchmark_requests, payload_bytes=report["payload_bytes"],
             pipeline=args.pipeline, clients=args.clients, key=f"{report['namespace']}:redis-benchmark",
         )
+        report["redis_benchmark_cpu_us"] = cpu_us_per_request(
+            children_cpu_s() - children_before_s, server_cpu_s() - server_before_s, args.redis_benchmark_requests)
+        if args.standard_baseline_requests > 0:
+            report["redis_benchmark_standard_xadd_per_s"] = redis_benchmark_xadd(
+                redis_url, num_requests=args.standard_baseline_requests, payload_bytes=report["payload_bytes"],
+                pipeline=1, clients=50, key=f"{report['namespace']}:redis-benchmark")
     report["submit_many_over_redis"] = report["submit_many_per_s"] / report["redis_benchmark_xadd_per_s"]
+    if "redis_benchmark_standard_xadd_per_s" in report:
+        report["submit_many_over_redis_standard"] = (report["submit_many_per_s"]
+                                                     / report["redis_benchmark_standard_xadd_per_s"])
+    if report["submit_many_cpu_us"]["server"] is not None and report["redis_benchmark_cpu_us"]["server"] is not None:
+        report["submit_many_over_redis_cpu"] = (report["redis_benchmark_cpu_us"]["total"]
+                                                / report["submit_many_cpu_us"]["total"])
     report["submit_over_redis"] = report["submit_per_s"] / report["redis_benchmark_xadd_per_s"]
     report["allocation_ms_256" if args.window == 256 else f"allocation_ms_{args.window}"] = allocation_ms(
         num_prompts=args.window, budget=args.window_budget, repeats=args.repeats, method=args.allocator)
@@ -101,9 +123,13 @@ async def _measure_client(redis_url: str, args: argparse.Namespace) -> dict[str,
 
         # submit_many from the caller's own data (plain prompts): validation and encoding count.
         prompts = [PROMPT_TEMPLATE.format(index=index) for index in range(num_requests)]
+        server_cpu_s = server_cpu_clock(redis_url)
+        server_before_s, client_before_s = server_cpu_s(), time.process_time()
         start_s = time.perf_counter()
         ids = await client.submit_many(prompts)
         submit_many_s = time.perf_counter() - start_s
+        submit_many_cpu_us = cpu_us_per_request(time.process_time() - client_before_s,
+                                                server_cpu_s() - server_before_s, num_requests)
         assert len(ids) == num_requests
 
         num_queued = sum([await client.redis.xlen(client.keys.for_shard(shard).requests)
@@ -120,6 +146,7 @@ async def _measure_client(redis_url: str, args: argparse.Namespace) -> dict[str,
         "payload_bytes": payload_bytes,
         "submit_per_s": num_requests / submit_s,
         "submit_many_per_s": num_requests / submit_many_s,
+        "submit_many_cpu_us": submit_many_cpu_us,
         "submit_p50_ms": 1000 * percentile(latencies_s, 50),
         "submit_p99_ms": 1000 * percentile(latencies_s, 99),
         "requests_queued": num_queued,
@@ -142,6 +169,48 @@ async def delete_namespace(redis: Any, namespace: str) -> None:
             batch.clear()
     if batch:
         await redis.unlink(*batch)
+
+
+def server_cpu_clock(redis_url: str) -> Any:
+    """A function returning the Redis server's CPU seconds so far (user + system), read from /proc when the
+    server runs on this host; it returns NaN when it does not (a remote or clustered Redis)."""
+    from redis import Redis
+
+    host = redis_url.split("://", 1)[1].split("/")[0].rsplit("@", 1)[-1].split(":")[0]
+    if redis_url.startswith(("redis+cluster://", "redis+sentinel://")) or host not in ("127.0.0.1", "localhost", ""):
+        return lambda: math.nan
+    with Redis.from_url(redis_url) as connection:
+        pid = int(connection.info("server").get("process_id", 0))
+    stat_path = f"/proc/{pid}/stat"
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8") as comm:
+            if not comm.read().startswith("redis"):
+                return lambda: math.nan
+    except OSError:
+        return lambda: math.nan
+
+    def cpu_s() -> float:
+        with open(stat_path, encoding="utf-8") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, in ticks
+
+    return cpu_s
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's finished children (redis-benchmark)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cpu_us_per_request(client_s: float, server_s: float, num_requests: int) -> dict[str, float | None]:
+    """Client and server CPU microseconds per request, and their sum (server None: not measurable here)."""
+    client_us, server_us = 1e6 * client_s / num_requests, 1e6 * server_s / num_requests
+    if math.isnan(server_us):
+        return {"client": client_us, "server": None, "total": None}
+    return {"client": client_us, "server": server_us, "total": client_us + server_us}
 
 
 def percentile(sorted_values: list[float], pct: float) -> float:
@@ -287,6 +356,14 @@ def format_report(report: dict[str, Any], args: argparse.Namespace) -> str:
         (f"allocation, {args.window} prompts ({args.allocator})", f"{report[alloc_key]:.2f} ms",
          f"median of {args.repeats}"),
     ]
+    if "redis_benchmark_standard_xadd_per_s" in report:
+        rows.insert(3, ("redis-benchmark XADD, its defaults (-c 50 -P 1)",
+                        f"{report['redis_benchmark_standard_xadd_per_s']:,.0f} req/s",
+                        f"submit_many {report['submit_many_over_redis_standard']:.2f}x"))
+    if "submit_many_over_redis_cpu" in report:
+        rows.insert(3, ("CPU per request, client + server", f"{report['submit_many_cpu_us']['total']:.1f} us",
+                        (f"redis-benchmark {report['redis_benchmark_cpu_us']['total']:.1f} us: "
+                         f"submit_many {report['submit_many_over_redis_cpu']:.2f}x by CPU")))
     width = max(len(row[0]) for row in rows)
     lines = [f"ingest: {report['requests']} requests per phase, {report['hardware']['cpu_model']}"]
     lines += [f"  {name:<{width}}  {value:>16}  {note}" for name, value, note in rows]

@@ -75,6 +75,8 @@ class Fold:
     test: np.ndarray  # pool indices of the held-out prompts
     prior_for: Callable[[np.ndarray], WindowPrior]  # pool indices -> their priors
     held_out_r2: list[float]  # per target, R² of the predictions on this fold's prompts (vs their full pools)
+    predicted: np.ndarray | None = None  # (test, targets) the predictions for the held-out prompts
+    actual: np.ndarray | None = None  # (test, targets) their full-pool targets
 
 
 def _r2(predicted: np.ndarray, actual: np.ndarray) -> float:
@@ -115,6 +117,31 @@ def make_folds(rewards: list[np.ndarray], features: np.ndarray, *, num_folds: in
         prior = window_prior(fit, features, is_bernoulli)  # every prompt; batches only take held-out ones
         predicted = fit.predict(features[test])
         r2 = [_r2(predicted[:, t], targets_full[test, t]) for t in range(predicted.shape[1])]
-        folds.append(Fold(test, prior.take, r2))
+        folds.append(Fold(test, prior.take, r2, predicted, targets_full[test]))
         logger.info("prior fold=%d train=%d test=%d r2=%s", fold, train.size, test.size, r2)
     return folds
+
+
+def held_out_correlation(folds: Sequence[Fold], *, num_boot: int = 1000, seed: int = 0) -> list[list[float]]:
+    """Per target, Pearson r of out-of-fold predictions with full-pool targets over every held-out prompt,
+    and its 95% interval resampling prompts: [r, low, high] (empty when the folds carry no predictions)."""
+    parts = [(f.predicted, f.actual) for f in folds if f.predicted is not None and f.actual is not None]
+    if not parts:
+        return []
+    predicted = np.concatenate([p for p, _ in parts])
+    actual = np.concatenate([a for _, a in parts])
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(actual), size=(num_boot, len(actual)))
+    result = []
+    for t in range(actual.shape[1]):
+        r = _pearson(predicted[:, t], actual[:, t])
+        boot = np.array([_pearson(predicted[d, t], actual[d, t]) for d in draws])
+        low, high = np.nanquantile(boot, [0.025, 0.975])
+        result.append([round(r, 4), round(float(low), 4), round(float(high), 4)])
+    return result
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    if x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])

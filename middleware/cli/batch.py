@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -27,7 +25,7 @@ import anyio
 from middleware.client import Client, Overloaded
 from middleware.client.sdk import build_request
 from middleware.errors import BadRequest, ClientError, ServiceError, UsageError
-from middleware.runtime.launcher import Launcher
+from middleware.runtime.launcher import Launcher, bound_shutdown
 from middleware.scheduler.limits import check_limits
 from middleware.settings import SchedulerSettings
 from schemas import AlignRequest, AlignResult, ErrorCode, Method, ResultStatus, now_ms
@@ -36,7 +34,6 @@ logger = logging.getLogger(__name__)
 
 WORKER_START_TIMEOUT_S = 900.0  # loading the default models on a busy 2-core CPU can take minutes
 WATCH_INTERVAL_S = 0.5  # how often a run checks that the processes it started are alive
-INTERRUPT_EXIT_S = 20.0  # after Ctrl-C, the longest a clean shutdown may take before the process exits anyway
 INPUT_FIELDS = ("prompt", "request_id", "budget", "method", "max_new_tokens", "temperature", "top_p", "priority",
                 "deadline_ms", "seed", "metadata", "aisp", "model")
 
@@ -213,22 +210,14 @@ async def _collect(settings: SchedulerSettings, requests: list[AlignRequest], ou
 
 async def _cancel_on_interrupt(listener: anyio.CancelScope, scope: anyio.CancelScope, launcher: Launcher | None,
                                interrupted: list[int]) -> None:
-    """Ctrl-C cancels the run at once. A watchdog thread bounds the shutdown: if some step of it hangs,
-    it stops the started processes itself and exits, so Ctrl-C never leaves workers behind."""
+    """Ctrl-C/SIGTERM cancels the run at once, under the launcher's shutdown deadline (``bound_shutdown``):
+    a shutdown step that hangs cannot keep the started processes, or this one, alive."""
     with listener, anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
             interrupted.append(signum)
-            threading.Thread(target=_exit_after, args=(launcher, INTERRUPT_EXIT_S), daemon=True).start()
+            bound_shutdown(launcher)
             scope.cancel()
             return
-
-
-def _exit_after(launcher: Launcher | None, delay_s: float) -> None:
-    time.sleep(delay_s)
-    logger.warning("shutdown took over %.0f s: stopping the started processes and exiting", delay_s)
-    if launcher is not None:
-        launcher.__exit__(None, None, None)
-    os._exit(130)
 
 
 async def _watch(launcher: Launcher, stop: anyio.Event) -> None:

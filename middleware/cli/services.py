@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from middleware.errors import ServiceError, UsageError
 from middleware.runtime.exporter import maybe_start_process_exporter
-from middleware.runtime.launcher import Launcher
+from middleware.runtime.launcher import SHUTDOWN_TIMEOUT_S, Launcher, bound_shutdown
 from middleware.settings import GatewaySettings, SchedulerSettings
 
 logger = logging.getLogger(__name__)
@@ -315,8 +315,14 @@ async def _serve(settings: SchedulerSettings, launcher: Launcher) -> int:
                 stop.set()
             await anyio.sleep(1.0)
 
+    async def bound_after_stop() -> None:  # the scheduler drains, then the launcher stops the children
+        await stop.wait()
+        bound_shutdown(launcher, settings.shutdown_grace_s + launcher.stop_timeout_s + SHUTDOWN_TIMEOUT_S,
+                       exit_code=1)
+
     async with anyio.create_task_group() as tg:
         tg.start_soon(watch)
+        tg.start_soon(bound_after_stop)
         await serve_scheduler(settings, stop=stop)
         tg.cancel_scope.cancel()
     if failures:

@@ -1,13 +1,16 @@
 """Admission of requests: the atomic submit and cancel scripts, and the retry hint of a full queue.
 
-``SUBMIT_LUA`` runs per request. In one atomic step it:
+``SUBMIT_LUA`` admits a chunk of requests of one shard in one call, request after request, each as if
+alone (the script is atomic, so nothing runs in between). For each request it:
 - answers an idempotent retry (the id is pending or answered, with the same fingerprint) with
   ``DUPLICATE`` and writes nothing; the same id with another fingerprint is a ``CONFLICT``;
 - checks the tenant's quotas when they are set: requests in this wall-clock minute, and samples
   budgeted by its unanswered requests (``RATE_LIMITED``, ``SAMPLES_LIMITED``);
-- checks ``max_pending`` (``OVERLOADED``);
+- checks ``max_pending`` (``OVERLOADED``): the cut inside a chunk is exact, since the pending count
+  is kept as it grows;
 - else ZADDs the request to the pending set, XADDs it to the requests stream, keeps its fingerprint
   for the idempotency window, and counts it against the tenant's quotas (``ACCEPTED``).
+The per-request items come as one msgpack blob (``cmsgpack``): one argument to pack, not four.
 
 ``CANCEL_LUA`` answers a pending request ``cancelled`` with the same exactly-once marker the
 scheduler's answer script sets, and leaves a ``cancelled`` marker that schedulers and workers poll.
@@ -17,47 +20,69 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-# KEYS: pending zset, requests stream, answered marker, fingerprint, rate counter, tenant samples hash.
-# ARGV: max_pending, request_id, now_ms, payload, fingerprint, fingerprint_ttl_s, max_per_minute (0: no
-#       quota), max_samples_in_flight (0: no quota), samples of this request, seconds left in the minute.
-# Returns {status, num_pending, detail}: detail is the oldest pending submit time (ms) when OVERLOADED,
-# the seconds to wait when RATE_LIMITED, else 0.
+# KEYS: pending zset, requests stream, rate counter, tenant samples hash; then per request i (from 0):
+#       answered marker (5 + 2i), fingerprint (6 + 2i).
+# ARGV: max_pending, now_ms, fingerprint_ttl_s, max_per_minute (0: no quota), max_samples_in_flight (0: no
+#       quota), seconds left in the minute, then msgpack [request_id, payload, fingerprint, samples, ...].
+# Returns {status, num_pending, detail} per request, flat: detail is the oldest pending submit time (ms)
+# when OVERLOADED, the seconds to wait when RATE_LIMITED, else 0.
 SUBMIT_LUA = """
-local stored = redis.call('GET', KEYS[4])
-if stored and stored ~= ARGV[5] then
-  return {3, 0, 0}
-end
+local items = cmsgpack.unpack(ARGV[7])
+local max_pending, now_ms, ttl_s = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local max_per_minute, max_samples = tonumber(ARGV[4]), tonumber(ARGV[5])
 local num_pending = redis.call('ZCARD', KEYS[1])
-if redis.call('ZSCORE', KEYS[1], ARGV[2]) or redis.call('EXISTS', KEYS[3]) == 1 then
-  return {2, num_pending, 0}
-end
-local max_per_minute = tonumber(ARGV[7])
-if max_per_minute > 0 and tonumber(redis.call('GET', KEYS[5]) or '0') >= max_per_minute then
-  return {4, num_pending, tonumber(ARGV[10])}
-end
-local max_samples = tonumber(ARGV[8])
-if max_samples > 0 then
-  local in_flight = 0
-  for _, value in ipairs(redis.call('HVALS', KEYS[6])) do in_flight = in_flight + tonumber(value) end
-  if in_flight + tonumber(ARGV[9]) > max_samples then
-    return {5, num_pending, 0}
+local rate, in_flight, oldest
+local num_counted = 0
+local out = {}
+for i = 0, #items / 4 - 1 do
+  local rid, fp = items[4 * i + 1], items[4 * i + 3]
+  local claim_key, fp_key = KEYS[5 + 2 * i], KEYS[6 + 2 * i]
+  local status, pending, detail = 1, num_pending, 0
+  local stored = redis.call('GET', fp_key)
+  if stored and stored ~= fp then
+    status, pending = 3, 0
+  elseif redis.call('ZSCORE', KEYS[1], rid) or redis.call('EXISTS', claim_key) == 1 then
+    status = 2
+  else
+    local samples = tonumber(items[4 * i + 4])
+    if max_per_minute > 0 then
+      rate = rate or tonumber(redis.call('GET', KEYS[3]) or '0')
+      if rate >= max_per_minute then status, detail = 4, tonumber(ARGV[6]) end
+    end
+    if status == 1 and max_samples > 0 then
+      if not in_flight then
+        in_flight = 0
+        for _, value in ipairs(redis.call('HVALS', KEYS[4])) do in_flight = in_flight + tonumber(value) end
+      end
+      if in_flight + samples > max_samples then status = 5 end
+    end
+    if status == 1 and num_pending >= max_pending then
+      -- nothing is added after the first refusal here, so the oldest stays the oldest
+      oldest = oldest or tonumber(redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2] or now_ms)
+      status, detail = 0, oldest
+    end
+    if status == 1 then
+      redis.call('ZADD', KEYS[1], now_ms, rid)
+      redis.call('XADD', KEYS[2], '*', 'm', items[4 * i + 2])
+      redis.call('SET', fp_key, fp, 'EX', ttl_s)
+      num_pending = num_pending + 1
+      pending = num_pending
+      if max_per_minute > 0 then
+        rate, num_counted = rate + 1, num_counted + 1
+      end
+      if max_samples > 0 then
+        in_flight = in_flight - tonumber(redis.call('HGET', KEYS[4], rid) or '0') + samples
+        redis.call('HSET', KEYS[4], rid, samples)
+      end
+    end
   end
+  out[3 * i + 1], out[3 * i + 2], out[3 * i + 3] = status, pending, detail
 end
-if num_pending >= tonumber(ARGV[1]) then
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  return {0, num_pending, tonumber(oldest[2] or ARGV[3])}
+if num_counted > 0 then
+  redis.call('INCRBY', KEYS[3], num_counted)
+  redis.call('EXPIRE', KEYS[3], 120)
 end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
-redis.call('XADD', KEYS[2], '*', 'm', ARGV[4])
-redis.call('SET', KEYS[4], ARGV[5], 'EX', ARGV[6])
-if max_per_minute > 0 then
-  redis.call('INCR', KEYS[5])
-  redis.call('EXPIRE', KEYS[5], 120)
-end
-if max_samples > 0 then
-  redis.call('HSET', KEYS[6], ARGV[2], ARGV[9])
-end
-return {1, num_pending + 1, 0}
+return out
 """
 
 # KEYS: answered marker, result, events, pending zset, kept samples, cancelled marker, tenant samples hash.

@@ -15,7 +15,7 @@ a chatbot backend: no torch, no worker code.
 unknown here. ``client.with_tenant(name)`` is a view on the same connections for another tenant
 (the gateway makes one per API key).
 
-**Submit** is one Lua script per request (``middleware.client.admission``): idempotent on the id with
+**Submit** is one Lua script call per chunk of requests (``middleware.client.admission``): idempotent on the id with
 the same request, ``Conflict`` on the same id with a different one, ``QuotaExceeded`` past the
 tenant's quotas, ``Overloaded`` past ``max_pending``. Errors are ``middleware.errors.ClientError``.
 """
@@ -31,7 +31,7 @@ from typing import Any, Self
 import anyio
 import redis.asyncio as aioredis
 
-from middleware.client.admission import CANCEL_LUA, SUBMIT_LUA, CancelOutcome
+from middleware.client.admission import CANCEL_LUA, CancelOutcome
 from middleware.client.building import build_request, checked_tenant
 from middleware.client.event_router import EventRouter
 from middleware.client.models import ServedModel
@@ -98,7 +98,6 @@ class Client(Submitting, ResultWaiting):
         self.idempotency_ttl_s = idempotency_ttl_s
         self.default_budget = default_budget  # counted against a samples quota when a request sets none
         self.quota = quota or Quota()
-        self._submit_script = self._redis.register_script(SUBMIT_LUA)
         self._cancel_script = self._redis.register_script(CANCEL_LUA)
         self._router = EventRouter(self._redis)
         self._is_view = False

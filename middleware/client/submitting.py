@@ -1,17 +1,20 @@
 """Submitting requests, as the ``Client`` mixin: one request, or many in pipelined chunks.
 
-Admission is one Lua script per request (``middleware.client.admission``): idempotent on the id with
-the same request, ``Conflict`` on the same id with a different one, ``QuotaExceeded`` past the
-tenant's quotas, ``Overloaded`` past ``max_pending``.
+Admission is one Lua script call per chunk and shard (``middleware.client.admission``): idempotent on
+the id with the same request, ``Conflict`` on the same id with a different one, ``QuotaExceeded`` past
+the tenant's quotas, ``Overloaded`` past ``max_pending``. Requests are validated and encoded first, all
+of them, by ``middleware.client.wire_form``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+import msgpack
 from redis.exceptions import NoScriptError
 
 from middleware.client.admission import (
@@ -20,16 +23,17 @@ from middleware.client.admission import (
     SubmitStatus,
     estimate_retry_after_s,
 )
-from middleware.client.building import build_request, caller_trace_fields, encode_request
+from middleware.client.building import build_request, caller_trace_fields
 from middleware.client.models import ServedModel, check_route, served_models
-from middleware.errors import BadRequest, Conflict, Overloaded, QuotaExceeded
+from middleware.client.wire_form import WireBatch, WireRequest
+from middleware.errors import Conflict, Overloaded, QuotaExceeded
 from schemas import AlignRequest, Keys, Method, now_ms
-from schemas.tenancy import caller_request_id, request_fingerprint
-from schemas.topology import WAIT_TIMEOUT_MS, check_replicas, eval_replicated
+from schemas.topology import WAIT_TIMEOUT_MS, check_replicas
 
 __all__ = ["Quota", "Submitting"]
 
 MODELS_CACHE_S = 1.0  # how stale the view of live workers' models may be
+SUBMIT_SHA = hashlib.sha1(SUBMIT_LUA.encode()).hexdigest()  # EVALSHA first; SCRIPT LOAD only when Redis lacks it
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,11 +44,16 @@ class Quota:
     max_samples_in_flight: int = 0
 
 
+class _ScriptCall(NamedTuple):
+    indexes: list[int]  # positions in the chunk of this call's requests (one shard's)
+    keys: list[str]
+    args: list[Any]
+
+
 class Submitting:
     """The submitting half of ``Client`` (``middleware.client.sdk``)."""
 
     _redis: Any
-    _submit_script: Any
     _models_cache: tuple[float, dict[str, ServedModel]] | None
     keys: Keys
     tenant: str | None
@@ -73,17 +82,15 @@ class Submitting:
 
     async def submit_request(self, request: AlignRequest) -> str:
         """Queue a built request (``build_request``); returns the caller's id."""
-        self._check_scope(request)
-        await self._check_routes([request])
-        args = self._submit_args(request, encode_request(request))
-        reply = await self._with_reconnect(lambda: eval_replicated(
-            self._redis, self._submit_script, keys=self._submit_keys(request), args=args,
-            min_replicas=self.min_replicas))
-        self._check_submit_reply(reply, request)
-        return caller_request_id(request.request_id)
+        batch = WireBatch([request], tenant=self.tenant, default_budget=self.default_budget, trace_fields={})
+        await self._check_routes(batch.routes)
+        calls = self._submit_calls(batch.encode(0, 1))
+        replies = await self._with_reconnect(lambda: self._send(calls))
+        self._check_submit_reply(replies[0], replies[1], replies[2], batch.caller_ids[0])
+        return batch.caller_ids[0]
 
     async def submit_many(self, items: Sequence[str | dict | AlignRequest]) -> list[str]:
-        """Queue many prompts, one pipelined round trip per ``submit_chunk_size`` items.
+        """Queue many prompts, one round trip (one script call per shard) per ``submit_chunk_size`` items.
 
         Items are prompts, dicts of AlignRequest fields (with ``prompt``), or AlignRequests. All are
         validated before anything is sent. If the queue fills up, the chunk in flight completes and
@@ -91,80 +98,94 @@ class Submitting:
         queued) and ``rejected_ids`` (not queued), each in input order. A conflicting id raises
         Conflict after its chunk (the items before it stay queued).
         """
-        requests = [self._as_request(item) for item in items]
-        payloads = [encode_request(request) for request in requests]
-        await self._check_routes(requests)
-        sha = await self._with_reconnect(self._load_script)
+        batch = WireBatch(items, tenant=self.tenant, default_budget=self.default_budget,
+                          trace_fields=caller_trace_fields())
+        await self._check_routes(batch.routes)
+        size = self.submit_chunk_size
         submitted_ids: list[str] = []
         rejected_ids: list[str] = []
         overloaded: Overloaded | None = None
-        for start in range(0, len(requests), self.submit_chunk_size):
+        for start in range(0, len(batch), size):
             if overloaded is not None:
-                rejected_ids.extend(caller_request_id(request.request_id) for request in requests[start:])
+                rejected_ids.extend(batch.caller_ids[start:])
                 break
-            chunk = list(zip(requests[start:start + self.submit_chunk_size],
-                             payloads[start:start + self.submit_chunk_size]))
-            replies = await self._with_reconnect(lambda chunk=chunk: self._submit_chunk(sha, chunk))
-            for (request, _), reply in zip(chunk, replies):
-                try:
-                    self._check_submit_reply(reply, request)
-                except Overloaded as e:  # a later item of the chunk may still fit (a slot freed)
-                    overloaded = overloaded or e
-                    rejected_ids.append(caller_request_id(request.request_id))
-                    continue
-                submitted_ids.append(caller_request_id(request.request_id))
+            calls = self._submit_calls(batch.encode(start, start + size))
+            replies = await self._with_reconnect(lambda calls=calls: self._send(calls))
+            caller_ids = batch.caller_ids[start:start + size]
+            if set(replies[0::3]) <= QUEUED_SUBMIT_STATUSES:  # the usual case: every item queued
+                submitted_ids += caller_ids
+            else:
+                for position, caller_id in enumerate(caller_ids):
+                    try:
+                        status, num_pending, detail = replies[3 * position:3 * position + 3]
+                        self._check_submit_reply(status, num_pending, detail, caller_id)
+                    except Overloaded as e:  # counted per shard: another shard's items may still fit
+                        overloaded = overloaded or e
+                        rejected_ids.append(caller_id)
+                        continue
+                    submitted_ids.append(caller_id)
         if overloaded is not None:
             overloaded.submitted_ids = submitted_ids
             overloaded.rejected_ids = rejected_ids
             raise overloaded
         return submitted_ids
 
-    async def _submit_chunk(self, sha: str, chunk: list[tuple[AlignRequest, bytes]]) -> list[Any]:
+    async def _send(self, calls: list[_ScriptCall]) -> list[int]:
+        """The calls pipelined on one connection: (status, num_pending, detail) of each item, flat, in chunk order."""
         async with self._redis.pipeline(transaction=False) as pipe:
-            for request, payload in chunk:
-                keys = self._submit_keys(request)
-                pipe.evalsha(sha, len(keys), *keys, *self._submit_args(request, payload))
+            for call in calls:
+                pipe.evalsha(SUBMIT_SHA, len(call.keys), *call.keys, *call.args)
             if self.min_replicas > 0:  # same connection: WAIT covers every script of the chunk
                 pipe.execute_command("WAIT", self.min_replicas, WAIT_TIMEOUT_MS)
             replies = await pipe.execute(raise_on_error=False)
         if self.min_replicas > 0 and not isinstance(replies[-1], Exception):
             check_replicas(int(replies.pop()), self.min_replicas)  # short: retried, accepted ones are duplicates
-        if any(isinstance(reply, NoScriptError) for reply in replies):  # SCRIPT FLUSH or a Redis restart
-            sha = await self._load_script()
-            return await self._submit_chunk(sha, chunk)  # idempotent: accepted items are duplicates now
+        if any(isinstance(reply, NoScriptError) for reply in replies):  # a new Redis, SCRIPT FLUSH or a restart
+            await self._redis.script_load(SUBMIT_LUA)
+            return await self._send(calls)  # idempotent: accepted items are duplicates now
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        return replies
+        if len(calls) == 1:
+            return replies[0]
+        flat = [0] * sum(3 * len(call.indexes) for call in calls)
+        for call, reply in zip(calls, replies, strict=True):
+            for position, index in enumerate(call.indexes):
+                flat[3 * index:3 * index + 3] = reply[3 * position:3 * position + 3]
+        return flat
 
-    async def _load_script(self) -> str:
-        sha = await self._redis.script_load(SUBMIT_LUA)
-        return sha.decode() if isinstance(sha, bytes) else sha
-
-    def _submit_keys(self, request: AlignRequest) -> list[str]:
-        rid, tenant = request.request_id, request.tenant or ""
-        keys = self.keys.for_request(rid)  # the request's shard: one hash slot for the whole script
-        return [keys.pending_requests, keys.requests, keys.request_claim(rid),
-                keys.fingerprint(rid), keys.quota_rate(tenant, int(time.time() // 60)),
-                keys.quota_samples(tenant)]
-
-    def _submit_args(self, request: AlignRequest, payload: bytes) -> list[Any]:
-        seconds_left = 60 - int(time.time()) % 60
+    def _submit_calls(self, chunk: list[WireRequest]) -> list[_ScriptCall]:
+        """SUBMIT_LUA's calls for ``chunk``: one per shard, every key in that shard's hash slot."""
+        if not chunk:
+            return []
+        by_shard: dict[int, list[int]] = {}
+        for index, wire in enumerate(chunk):
+            by_shard.setdefault(self.keys.shard_of(wire.wire_id), []).append(index)
+        now_s = time.time()
+        tenant = self.tenant or ""
         # Backpressure and quotas are counted per shard: each shard admits its 1/S share of the limits.
-        return [self._per_shard(self.max_pending), request.request_id, now_ms(), payload,
-                request_fingerprint(request.model_dump(mode="json")), self.idempotency_ttl_s,
-                self._per_shard(self.quota.max_requests_per_minute),
-                self._per_shard(self.quota.max_samples_in_flight),
-                request.budget or self.default_budget, seconds_left]
+        limits = [self._per_shard(self.max_pending), int(now_s * 1000), self.idempotency_ttl_s,
+                  self._per_shard(self.quota.max_requests_per_minute), self._per_shard(self.quota.max_samples_in_flight),
+                  60 - int(now_s) % 60]
+        calls = []
+        for shard, indexes in by_shard.items():
+            keys = self.keys.for_shard(shard)
+            names = [keys.pending_requests, keys.requests, keys.quota_rate(tenant, int(now_s // 60)),
+                     keys.quota_samples(tenant)]
+            items: list[Any] = []
+            for index in indexes:
+                wire = chunk[index]
+                names += (keys.request_claim(wire.wire_id), keys.fingerprint(wire.wire_id))
+                items += (wire.wire_id, wire.payload, wire.fingerprint, wire.samples)
+            calls.append(_ScriptCall(indexes, names, [*limits, msgpack.packb(items, use_bin_type=False)]))
+        return calls  # cmsgpack (in Redis) reads no bin type: payloads go as raw strings
 
     def _per_shard(self, limit: int) -> int:
         return -(-limit // self.keys.num_shards) if limit > 0 else 0
 
-    def _check_submit_reply(self, reply: Sequence[Any], request: AlignRequest) -> None:
-        status, num_pending, detail = (int(value) for value in reply)
+    def _check_submit_reply(self, status: int, num_pending: int, detail: int, caller_id: str) -> None:
         if status in QUEUED_SUBMIT_STATUSES:
             return
-        caller_id = caller_request_id(request.request_id)
         if status == SubmitStatus.CONFLICT:
             raise Conflict(f"request_id {caller_id!r} was already used for a different request "
                            "(another prompt or parameters); use a new request_id")
@@ -183,32 +204,15 @@ class Submitting:
                 num_pending=num_pending,
             )
 
-    def _check_scope(self, request: AlignRequest) -> None:
-        if request.tenant != self.tenant:
-            raise BadRequest(f"invalid request: built for tenant {request.tenant!r}, this client is "
-                             f"{self.tenant!r}")
-
-    def _as_request(self, item: str | dict | AlignRequest | list) -> AlignRequest:
-        if isinstance(item, AlignRequest):
-            self._check_scope(item)
-            return item
-        if isinstance(item, dict):
-            fields = dict(item)
-            if "prompt" not in fields:
-                raise BadRequest("invalid request: prompt: field required")
-            return self.build_request(fields.pop("prompt"), **fields)
-        return self.build_request(item)
-
-    async def _check_routes(self, requests: Sequence[AlignRequest]) -> None:
+    async def _check_routes(self, routes: set[tuple[str | None, str]]) -> None:
         """Fail fast on a model no live worker serves, or aisp where none can run it (heartbeats, cached 1 s).
 
         Requests for the default model with bon or uniform skip the check: no Redis call on the hot path.
         """
-        routes = {(r.model, r.method) for r in requests if r.model is not None or r.method == Method.AISP}
         if not routes:
             return
         if self._models_cache is None or time.monotonic() - self._models_cache[0] > MODELS_CACHE_S:
             models = await self._with_reconnect(lambda: served_models(self._redis, self.keys))
             self._models_cache = (time.monotonic(), models)
         for model, method in routes:
-            check_route(self._models_cache[1], model, method)
+            check_route(self._models_cache[1], model, Method(method))

@@ -86,8 +86,9 @@ class EmbeddedRedis:
             self.port = fixed_port or free_port()
             args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                     "--dir", self._data_dir.name, "--logfile", log_path, "--protected-mode", "yes"]
+            # a session of its own: a terminal's Ctrl-C must not stop Redis before what still writes to it
             self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                            stderr=subprocess.DEVNULL)
+                                            stderr=subprocess.DEVNULL, start_new_session=True)
             if self._wait_ready():
                 atexit.register(self.stop)
                 logger.info("embedded redis started port=%d pid=%d", self.port, self.process.pid)

@@ -1,14 +1,25 @@
 """The one process launcher: child ``alignq VERB`` processes for ``run``, ``serve`` and the benches.
 
 A ``Launcher`` owns a Redis (the URL given, else an embedded server it starts) and the children it
-starts, each logging to a file of its own; leaving the ``with`` block stops them all (SIGTERM, then
-SIGKILL after ``stop_timeout_s``), then the embedded Redis, also on Ctrl-C.
+starts, each logging to a file of its own; leaving the ``with`` block stops them all, then the
+embedded Redis, also on Ctrl-C.
 
     with Launcher(redis_url=None) as launcher:             # embedded Redis
         launcher.start("worker-0", ["worker"], {"ALIGNQ_MODEL": "..."})
         launcher.check_alive()                             # ServiceError with the log tail if one died
 
-Children run in a session of their own: Ctrl-C reaches only the parent, which stops them in order.
+Shutdown is bounded, in two phases (as saq's workers do):
+
+    grace    SIGTERM every child, wait up to ``stop_timeout_s`` in all for them to drain and exit;
+             a second Ctrl-C ends the grace period at once (it never interrupts the stop itself)
+    kill     SIGKILL each remaining child's process group, reap it within ``KILL_TIMEOUT_S``
+
+and, around the in-process part of a shutdown, ``bound_shutdown`` (armed by ``run`` and ``serve`` at
+the first Ctrl-C/SIGTERM) is a deadline: a shutdown still running after it kills every child and the
+embedded Redis and exits the process, so an interrupted run never leaves processes behind.
+
+Children (and the embedded Redis) run in sessions of their own: a terminal's Ctrl-C reaches only the
+parent, which stops them in order; the Redis they all talk to is stopped last.
 """
 
 from __future__ import annotations
@@ -20,20 +31,24 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from middleware.errors import EmbeddedRedisError, ServiceError
 from middleware.runtime.embedded_redis import EmbeddedRedis
 
-__all__ = ["ChildProcess", "Launcher", "alignq_command"]
+__all__ = ["SHUTDOWN_TIMEOUT_S", "ChildProcess", "Launcher", "alignq_command", "bound_shutdown", "stop_process"]
 
 logger = logging.getLogger(__name__)
 
-STOP_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 15.0  # phase 1: how long children may take to drain after SIGTERM, all together
+KILL_TIMEOUT_S = 5.0  # phase 2: how long SIGKILLed children may take to be reaped
+SHUTDOWN_TIMEOUT_S = 20.0  # bound_shutdown's default: the longest an interrupted run may take to exit
 
 
 def alignq_command(*verb_args: str) -> list[str]:
@@ -59,6 +74,15 @@ class ChildProcess:
         except OSError:
             return "(no log)"
         return text[-num_chars:].strip() or "(empty log; rerun with -v)"
+
+    def kill(self) -> None:
+        """SIGKILL the child's process group (it leads a session of its own), else the child alone."""
+        if not self.is_alive:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except OSError:
+            self.process.kill()
 
     def cpu_s(self) -> float:
         """CPU seconds (user + system, all threads) the process used so far; 0 where /proc is missing."""
@@ -87,6 +111,8 @@ class Launcher:
         self.children: dict[str, ChildProcess] = {}
         self._embedded: EmbeddedRedis | None = None
         self._log_dir = ""
+        self.stopped = threading.Event()  # set once leaving the ``with`` block has stopped everything
+        self.watchdog: threading.Thread | None = None  # bound_shutdown's, once armed
 
     def __enter__(self) -> Self:
         self._log_dir = tempfile.mkdtemp(prefix="alignq-")
@@ -130,25 +156,106 @@ class Launcher:
         child = self.children.get(name)
         return child.log_tail(num_chars) if child is not None else "(not started)"
 
-    def stop_children(self) -> None:
-        """SIGTERM every child, wait up to ``stop_timeout_s`` in all, then SIGKILL what is left."""
-        for child in self.children.values():
-            if child.is_alive:
-                child.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.stop_timeout_s
-        for child in self.children.values():
-            try:
-                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                logger.warning("%s did not stop within %.0f s: killing it", child.name, self.stop_timeout_s)
-                child.process.kill()
-                child.process.wait()
+    def stop_children(self, grace_s: float | None = None) -> None:
+        """Two phases, bounded: SIGTERM every live child and wait up to ``grace_s`` (default
+        ``stop_timeout_s``) in all, then SIGKILL what is left and reap it within ``KILL_TIMEOUT_S``."""
+        grace_s = self.stop_timeout_s if grace_s is None else grace_s
+        live = [child for child in self.children.values() if child.is_alive]
+        for child in live:
+            child.process.send_signal(signal.SIGTERM)
+        give_up_at = time.monotonic() + grace_s
+        with _second_interrupt() as hurry:
+            while live and time.monotonic() < give_up_at and not hurry.is_set():
+                time.sleep(0.02)
+                live = [child for child in live if child.is_alive]
+            for child in live:
+                if child.is_alive:
+                    logger.warning("%s did not stop within %.0f s: killing it", child.name, grace_s)
+                    child.kill()
+            give_up_at = time.monotonic() + KILL_TIMEOUT_S
+            for child in live:
+                try:
+                    child.process.wait(timeout=max(0.01, give_up_at - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    logger.error("%s pid=%d survived SIGKILL for %.0f s", child.name, child.process.pid,
+                                 KILL_TIMEOUT_S)
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stop the children (two phases), then the embedded Redis. Idempotent, and safe to call from the
+        deadline's thread while the main thread is in it (signals and waits on exited processes are no-ops)."""
+        try:
+            self.stop_children(grace_s)
+        finally:
+            embedded, self._embedded = self._embedded, None
+            if embedded is not None:
+                embedded.stop()
 
     def __exit__(self, *exc_info: object) -> None:
         try:
-            self.stop_children()
+            self.stop()
         finally:
-            if self._embedded is not None:
-                self._embedded.stop()
-                self._embedded = None
+            self.stopped.set()
             shutil.rmtree(self._log_dir, ignore_errors=True)
+
+
+def bound_shutdown(launcher: Launcher | None, timeout_s: float = SHUTDOWN_TIMEOUT_S, *, exit_code: int = 130) -> None:
+    """A deadline for the shutdown that starts now (call it at the first Ctrl-C/SIGTERM).
+
+    If ``launcher`` has not finished stopping ``timeout_s`` from now (with no launcher: if the process is
+    still running), a watchdog thread kills its children at once, stops the embedded Redis and exits
+    the process with ``exit_code``. A stuck await or a blocked read in the shutdown then costs at most
+    ``timeout_s``, and never leaves a child behind. Calling it again changes nothing.
+    """
+    if launcher is not None and launcher.watchdog is not None:
+        return
+
+    def expire() -> None:
+        if launcher is not None and launcher.stopped.wait(timeout_s):
+            return
+        if launcher is None:
+            time.sleep(timeout_s)
+        logger.warning("shutdown took over %.0f s: stopping the started processes and exiting", timeout_s)
+        if launcher is not None:
+            launcher.stop(grace_s=0.0)
+        logging.shutdown()
+        os._exit(exit_code)
+
+    watchdog = threading.Thread(target=expire, name="alignq-shutdown-deadline", daemon=True)
+    if launcher is not None:
+        launcher.watchdog = watchdog
+    watchdog.start()
+
+
+async def stop_process(process: Any, grace_s: float = STOP_TIMEOUT_S) -> int:
+    """Stop an ``anyio.open_process`` child in the same two phases: SIGTERM, ``grace_s`` to exit, SIGKILL.
+
+    Shielded from the caller's cancellation, so a cancelled bench or test still reaps what it started.
+    Returns the exit code.
+    """
+    import anyio
+
+    with anyio.CancelScope(shield=True):
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            with anyio.move_on_after(grace_s):
+                await process.wait()
+        if process.returncode is None:
+            process.kill()
+            with anyio.move_on_after(KILL_TIMEOUT_S):
+                await process.wait()
+    return process.returncode
+
+
+@contextmanager
+def _second_interrupt() -> Iterator[threading.Event]:
+    """While stopping: Ctrl-C sets the event (ends the grace period) instead of raising KeyboardInterrupt,
+    so a second Ctrl-C hurries the stop and cannot abandon a child half-stopped. Main thread only."""
+    hurry = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield hurry
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: hurry.set())
+    try:
+        yield hurry
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 import redis.asyncio as aioredis
 
 from middleware.metrics import Telemetry
@@ -90,7 +91,9 @@ class PlanWriter:
         self.tracing.observe(plan, self.requests)  # spans; stamps jobs with their traceparent
         if plan.events or plan.jobs:
             await retry("publish jobs", lambda: self._publish(plan))
-        for answer in plan.answers:
+        for number, answer in enumerate(plan.answers):
+            if number:  # each answer is shielded: on shutdown, stop between them (the rest stay for reclaim)
+                await anyio.lowlevel.checkpoint_if_cancelled()
             await self.publish_answer(answer)
         self.tracing.answered(plan, self.requests)
         if plan.acks:

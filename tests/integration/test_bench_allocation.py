@@ -93,6 +93,8 @@ def test_bench_allocation_reports_budget_equivalence_and_cross_validated_priors(
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["cross_validate"] == 3 and len(report["prior_held_out_r2"]) == 1
+    ((r, low, high),) = report["prior_held_out_r"]  # one target (logit rate): r and its 95% interval
+    assert -1 <= low <= r <= high <= 1
     for row in report["results"]:
         assert {"budget_equivalence", "budget_equivalence_ci", "budget_saving", "budget_saving_ci",
                 "median_bwr_ci"} <= set(row)

@@ -10,10 +10,17 @@ import itertools
 import pathlib
 import time
 
+import anyio
 import httpx
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 from otlp_collector import CollectedSpan, OtlpCollector
 from tenancy_support import deployment
+
+from middleware.client import Client
+from schemas import PAYLOAD_FIELD, AlignRequest, decode
+from schemas.tracing import traceparent_of
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -62,12 +69,15 @@ def test_one_connected_trace_per_request_across_processes(redis_url: str, tmp_pa
             caller = {"traceparent": f"00-{CALLER_TRACE_ID}-{CALLER_SPAN_ID}-01"}  # the caller's own trace
             assert http.post("/v1/chat/completions", headers=caller,
                              json={**body, "request_id": "t-3"}).status_code == 200
+            sdk_caller = TracerProvider().get_tracer("caller").start_span("caller")  # an app's span, SDK in hand
+            with trace.use_span(sdk_caller, end_on_exit=True):
+                anyio.run(align_with_sdk, redis_url, "t-4")
             deadline = time.monotonic() + 30
             while True:  # spans are exported in batches every 100 ms
                 spans = collector.snapshot()
                 answers = [s for s in spans if s.name == "answer"]
                 jobs = [s for s in spans if s.name == "job"]
-                if len(answers) >= 3 and len(jobs) >= 6 and sum(s.service == "alignq-gateway" for s in spans) >= 3:
+                if len(answers) >= 4 and len(jobs) >= 8 and sum(s.service == "alignq-gateway" for s in spans) >= 3:
                     break
                 assert time.monotonic() < deadline, f"spans missing: {sorted({(s.service, s.name) for s in spans})}"
                 time.sleep(0.2)
@@ -77,4 +87,29 @@ def test_one_connected_trace_per_request_across_processes(redis_url: str, tmp_pa
     continued = trace_of(spans, "t-3")
     assert continued[0].trace_id == CALLER_TRACE_ID
     check_connected_trace(spans, continued, external_parent=CALLER_SPAN_ID)
-    assert len({s.trace_id for s in spans if s.name == "alignq.request"}) == 3  # one trace per request
+    assert len({s.trace_id for s in spans if s.name == "alignq.request"}) == 4  # one trace per request
+    # the SDK's request is a child of the caller's active span: no gateway span in between
+    (request,) = [s for s in spans if s.name == "alignq.request" and s.trace_id == f"{sdk_caller.context.trace_id:032x}"]
+    assert request.parent_span_id == f"{sdk_caller.context.span_id:016x}" and request.service == "alignq-scheduler"
+    in_trace = [s for s in spans if s.trace_id == request.trace_id]
+    assert {s.service for s in in_trace} == {"alignq-scheduler", "alignq-worker"} and any(s.name == "job" for s in in_trace)
+
+
+async def align_with_sdk(redis_url: str, request_id: str) -> None:
+    async with Client(redis_url) as client:
+        result = await client.align("Name a colour.", request_id=request_id, budget=4, max_new_tokens=8, timeout_s=60)
+        assert result.request_id == request_id
+
+
+@pytest.mark.anyio
+async def test_sdk_requests_carry_the_callers_active_span(redis_url: str) -> None:
+    span = TracerProvider().get_tracer("caller").start_span("caller")
+    async with Client(redis_url, tenant="acme") as client:
+        with trace.use_span(span, end_on_exit=True):
+            await client.submit("one", request_id="one")
+            await client.submit_many(["many", {"prompt": "as dict"}, [{"role": "user", "content": "chat"}]])
+            await client.submit("explicit", traceparent=f"00-{'1' * 32}-{'2' * 16}-01")
+        await client.submit("after the span")
+        entries = await client.redis.xrange(client.keys.requests)
+    traceparents = [decode(AlignRequest, fields[PAYLOAD_FIELD]).traceparent for _, fields in entries]
+    assert traceparents == [traceparent_of(span)] * 4 + [f"00-{'1' * 32}-{'2' * 16}-01", None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from middleware.bench.prior_cv import Fold, held_out_correlation
 from middleware.scheduler.allocation import allocate
 from middleware.scheduler.deadline import RoundTimer, choose_explore_fraction
 from middleware.scheduler.prior import (
@@ -97,3 +98,14 @@ def test_round_timer_moves_toward_what_it_measures() -> None:
     assert timer.expected_ms(10.0) == pytest.approx(400.0, rel=0.02)
     timer.record(0.0, 50.0)  # nothing sampled: ignored
     assert timer.num_rounds == 30
+
+
+def test_held_out_correlation_pools_every_fold_with_an_interval() -> None:
+    rng = np.random.default_rng(0)
+    actual = rng.normal(size=(60, 2))
+    predicted = np.column_stack([actual[:, 0] + 0.1 * rng.normal(size=60), rng.normal(size=60)])
+    folds = [Fold(np.arange(f, 60, 3), WindowPrior().take, [0.0, 0.0], predicted[f::3], actual[f::3])
+             for f in range(3)]
+    (r0, low0, high0), (r1, low1, high1) = held_out_correlation(folds)
+    assert r0 > 0.95 and low0 <= r0 <= high0  # the first target is predicted, the second is noise
+    assert low1 < 0 < high1 and abs(r1) < 0.3

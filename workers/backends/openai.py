@@ -60,6 +60,10 @@ class JobDeadline(Exception):
     """The job's deadline passed while the server was unreachable."""
 
 
+class JobCancelled(Exception):
+    """The job's request was cancelled while its samples were being generated (``cancel``)."""
+
+
 class OpenAIBackend:
     """Bon and uniform jobs through an OpenAI-compatible server. ``run`` from one thread at a time."""
 
@@ -84,27 +88,51 @@ class OpenAIBackend:
 
     # -- the worker's interface ------------------------------------------------------------------
     def run(self, jobs: list[Job]) -> list[SampleSet]:
-        """One SampleSet per job, in order: samples scored, or an error reply for that job alone."""
-        runnable = [job for job in jobs if job.kind != JobKind.AISP]
+        """One SampleSet per job, in order: samples scored, or an error reply for that job alone. Blocks
+        until every job is done (the worker's loop uses ``submit`` + ``replies`` instead, job by job)."""
         started = time.perf_counter()
-        outcomes = self._wait(self._generate(runnable)) if runnable else []
+        futures = [self.submit(job) for job in jobs]
+        outcomes = [_outcome(future) for future in futures]
         generate_s = time.perf_counter() - started
-        done = [(job, samples) for job, samples in zip(runnable, outcomes) if isinstance(samples, list)]
-        scores = iter(score_jobs(self.reward, [_prompt(job) for job, _ in done],
-                                 [[s.text for s in samples] for _, samples in done],
-                                 [dict(job.metadata) for job, _ in done]))
-        total_samples = max(1, sum(job.num_samples for job in runnable))
-        by_job = iter(outcomes)
-        replies = []
-        for job in jobs:
+        total_samples = max(1, sum(job.num_samples for job in jobs))
+        done = [(job, outcome, generate_s * job.num_samples / total_samples) for job, outcome in zip(jobs, outcomes)]
+        replies = self.replies(done)
+        closed = next((outcome for outcome in outcomes if isinstance(outcome, BackendClosed)), None)
+        if closed is not None:
+            raise closed  # shutting down: no replies, the jobs stay pending for another worker
+        return [reply for reply in replies if reply is not None]
+
+    def submit(self, job: Job) -> concurrent.futures.Future:
+        """Start every sample of the job (at most ``max_concurrency`` requests in flight, over all jobs);
+        the future's result is the samples in order, or the exception that stopped the job. An aisp job
+        is not started (``replies`` answers it ``bad_request``)."""
+        if job.kind == JobKind.AISP:
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            future.set_result([])
+            return future
+        if self._closed:
+            future = concurrent.futures.Future()
+            future.set_exception(BackendClosed("the worker is shutting down"))
+            return future
+        return asyncio.run_coroutine_threadsafe(self._tracked_job(job), self._loop)
+
+    def replies(self, done: list[tuple[Job, list[ServerSample] | BaseException, float]]) -> list[SampleSet | None]:
+        """(job, its samples or the exception that stopped it, generate_s) -> its SampleSet, the samples of
+        every job scored in one reward call. None for a job abandoned at shutdown (it stays pending)."""
+        scored = [(job, outcome) for job, outcome, _ in done
+                  if isinstance(outcome, list) and job.kind != JobKind.AISP]
+        scores = iter(score_jobs(self.reward, [_prompt(job) for job, _ in scored],
+                                 [[s.text for s in samples] for _, samples in scored],
+                                 [dict(job.metadata) for job, _ in scored]))
+        replies: list[SampleSet | None] = []
+        for job, outcome, generate_s in done:
             if job.kind == JobKind.AISP:
                 replies.append(error_sample_set(job, self.worker_id, ErrorCode.BAD_REQUEST,
                                                 "aisp needs a worker with the hf backend; this one is openai"))
-                continue
-            outcome = next(by_job)
-            if isinstance(outcome, list):
-                replies.append(self._sample_set(job, outcome, next(scores),
-                                                generate_s * job.num_samples / total_samples))
+            elif isinstance(outcome, list):
+                replies.append(self._sample_set(job, outcome, next(scores), generate_s))
+            elif isinstance(outcome, BackendClosed):
+                replies.append(None)
             else:
                 replies.append(self._error_reply(job, outcome))
         return replies
@@ -159,10 +187,8 @@ class OpenAIBackend:
             return error_sample_set(job, self.worker_id, ErrorCode.BACKEND_FAILED, str(error))
         if isinstance(error, JobDeadline):
             return error_sample_set(job, self.worker_id, ErrorCode.DEADLINE_EXCEEDED, str(error))
-        if isinstance(error, asyncio.CancelledError):
+        if isinstance(error, (JobCancelled, asyncio.CancelledError, concurrent.futures.CancelledError)):
             return error_sample_set(job, self.worker_id, ErrorCode.INTERNAL, "job cancelled while generating")
-        if isinstance(error, BackendClosed):
-            raise error  # shutting down: no reply, the job stays pending for another worker
         return error_sample_set(job, self.worker_id, ErrorCode.INTERNAL, f"{type(error).__name__}: {error}")
 
     # -- the event loop's side --------------------------------------------------------------------
@@ -184,22 +210,22 @@ class OpenAIBackend:
             raise BackendRejected(response.status_code, rejection_message(response.content, response.status_code))
         return [str(m["id"]) for m in response.json().get("data", []) if isinstance(m, dict) and "id" in m]
 
-    async def _generate(self, jobs: list[Job]) -> list[list[ServerSample] | BaseException]:
-        """Every sample of every job at once (the semaphore bounds what is in flight)."""
-        def start(job: Job) -> asyncio.Future:
-            task = asyncio.ensure_future(self._job_samples(job))
-            self._job_tasks[job.job_id] = task
-            return task
-
-        tasks = [start(job) for job in jobs]
+    async def _tracked_job(self, job: Job) -> list[ServerSample]:
+        """The job's samples, cancellable by job id (``cancel``); BackendClosed once the worker stops."""
+        task = asyncio.ensure_future(self._job_samples(job))
+        self._job_tasks[job.job_id] = task
         try:
-            results = await asyncio.gather(*tasks, return_exceptions=True)
+            samples = await task
+        except asyncio.CancelledError:
+            if self._closed:
+                raise BackendClosed("the worker is shutting down") from None
+            raise JobCancelled("job cancelled while generating") from None
         finally:
-            for job in jobs:
-                self._job_tasks.pop(job.job_id, None)
+            if self._job_tasks.get(job.job_id) is task:
+                del self._job_tasks[job.job_id]
         if self._closed:
             raise BackendClosed("the worker is shutting down")
-        return list(results)
+        return samples
 
     async def _job_samples(self, job: Job) -> list[ServerSample]:
         """A job's samples, in order; the first failure (or a cancel) stops the rest of them."""
@@ -258,6 +284,15 @@ class OpenAIBackend:
                         time.monotonic() - self._down_since)
             self._down_since = None
             self._down_logged_at = 0.0
+
+
+def _outcome(future: concurrent.futures.Future) -> list[ServerSample] | BaseException:
+    """A job future's samples, or the exception that stopped the job (a cancelled job included)."""
+    try:
+        samples: list[ServerSample] = future.result()
+        return samples
+    except BaseException as e:  # noqa: BLE001 - CancelledError too: the job was cancelled
+        return e
 
 
 def _prompt(job: Job) -> str | list[dict]:

@@ -1,13 +1,27 @@
 """The batch loop of a backend without a step API (openai: a server that batches for itself).
 
-A batch starts whenever jobs wait and fewer than the backend's ``max_concurrency`` samples are in
-flight, so batches overlap and the server is not left idle while one batch's last samples finish or
-are scored. Each batch is published + XACKed (shielded) when it is done.
+A pipeline, job by job, so the server is never left waiting on alignq:
+
+    start     a queued job's samples are handed to the backend while fewer than twice
+              ``max_concurrency`` samples are generating there; its semaphore bounds the requests in
+              flight to ``max_concurrency``, so the next sample goes out the moment one comes back,
+              with no hop through this loop, even while a job waits on its last sample
+    score     a job whose samples are all back joins the next reward call at once; every job that
+              finished while the previous call ran is scored in the same call (one reward batch for
+              many jobs), in the model thread, while the server keeps generating the others
+    publish   each reward call's jobs are published + XACKed (shielded) together, right after it
+
+So no job waits for the slowest job of its batch, and the last job's reply costs one small reward
+call, not one over the whole batch. A job that fails (server 4xx, deadline) is answered in the same
+way; a job abandoned at shutdown gets no reply (it stays pending for reclaim). ``generate_s`` of a
+job is its share of the generating time: each moment split over the jobs generating then, by samples.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -19,39 +33,112 @@ if TYPE_CHECKING:
 
 __all__ = ["overlapping_loop"]
 
+Finished = tuple[HeldJob, Any, float]  # the job, its samples or the exception that stopped it, generate_s
+
+
+class _ShareClock:
+    """∫ dt / (samples generating): a job's generate_s is its samples × the clock's advance while it ran."""
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.samples = 0
+        self._at = time.perf_counter()
+
+    def change(self, delta: int) -> float:
+        now = time.perf_counter()
+        if self.samples > 0:
+            self.value += (now - self._at) / self.samples
+        self._at = now
+        self.samples += delta
+        return self.value
+
+
+class _Pipeline:
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.backend = worker.runner
+        # samples started at most: the requests in flight plus as many waiting for a free request
+        self.limit = 2 * int(getattr(self.backend, "max_concurrency", 0) or worker.max_batch_samples)
+        self.clock = _ShareClock()
+        self.finished: list[Finished] = []
+        self.finished_changed = anyio.Event()
+        self.num_generating = 0  # jobs started, not yet back from the server
+
+    async def run(self) -> None:
+        worker = self.worker
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._score_loop)
+            while not worker.stopping:
+                room = self.limit - self.clock.samples
+                if not worker.queue or room <= 0:
+                    await worker.wait_queue_change()
+                    continue
+                batch = take_batch(worker.queue, max_jobs=worker.settings.max_batch_jobs, max_samples=room)
+                worker.notify()  # room for intake
+                for held in await worker.answer_expired(batch):
+                    worker.in_flight = [*worker.in_flight, held]
+                    self.num_generating += 1
+                    tg.start_soon(self._generate, held, self.clock.change(held.job.num_samples))
+            self._signal()  # the score loop ends once nothing is left in flight
+
+    async def _generate(self, held: HeldJob, clock_at_start: float) -> None:
+        try:
+            outcome = await _outcome(self.backend.submit(held.job))
+        finally:
+            self.num_generating -= 1
+            generate_s = held.job.num_samples * (self.clock.change(-held.job.num_samples) - clock_at_start)
+            self.worker.notify()  # room for the next job
+        self.finished.append((held, outcome, generate_s))
+        self._signal()
+
+    async def _score_loop(self) -> None:
+        """Score + publish whatever finished, in one reward call, until stopped with nothing in flight."""
+        worker = self.worker
+        while True:
+            if not self.finished:
+                if worker.stopping and self.num_generating == 0:
+                    return
+                event = self.finished_changed
+                await event.wait()
+                continue
+            done, self.finished = self.finished, []
+            try:
+                replies = await anyio.to_thread.run_sync(_replies_in_thread, worker,
+                                                         [(h.job, outcome, s) for h, outcome, s in done],
+                                                         abandon_on_cancel=True)
+                published = [(h.entry_id, h.job, reply) for (h, _, _), reply in zip(done, replies) if reply is not None]
+                worker.stats.num_batches += 1
+                worker.stats.max_batch_jobs = max(worker.stats.max_batch_jobs, len(done))
+                if published and await worker.publish(published):
+                    worker.stats.num_samples += sum(len(reply.samples) for _, _, reply in published)
+            finally:
+                gone = {id(h) for h, _, _ in done}
+                worker.in_flight = [h for h in worker.in_flight if id(h) not in gone]
+                worker.notify()
+
+    def _signal(self) -> None:
+        self.finished_changed.set()
+        self.finished_changed = anyio.Event()
+
 
 async def overlapping_loop(worker: Worker) -> None:
-    """Until stopped: start a batch whenever jobs wait and the in-flight samples leave room."""
-    limit = int(getattr(worker.runner, "max_concurrency", 0) or worker.max_batch_samples)
-    async with anyio.create_task_group() as tg:
-        while not worker.stopping:
-            room = limit - sum(h.job.num_samples for h in worker.in_flight)
-            if not worker.queue or room <= 0:
-                await worker.wait_queue_change()
-                continue
-            batch = take_batch(worker.queue, max_jobs=worker.settings.max_batch_jobs, max_samples=room)
-            worker.notify()  # room for intake
-            batch = await worker.answer_expired(batch)
-            if batch:
-                worker.in_flight = [*worker.in_flight, *batch]
-                tg.start_soon(_run_batch, worker, batch)
+    """Until stopped: start queued jobs as room frees up, score and publish them as they come back;
+    on shutdown the jobs in flight finish (within the worker's grace period)."""
+    await _Pipeline(worker).run()
 
 
-async def _run_batch(worker: Worker, batch: list[HeldJob]) -> None:
+async def _outcome(future: Any) -> Any:
+    """The job's samples, or the exception that stopped it (the backend's future; the worker runs on
+    asyncio, so its thread's future is awaited without a thread of our own)."""
     try:
-        jobs = [held.job for held in batch]
-        replies = await anyio.to_thread.run_sync(_run_in_thread, worker, jobs, abandon_on_cancel=True)
-        worker.stats.num_batches += 1
-        worker.stats.max_batch_jobs = max(worker.stats.max_batch_jobs, len(jobs))
-        if await worker.publish([(h.entry_id, h.job, r) for h, r in zip(batch, replies)]):
-            worker.stats.num_samples += sum(len(r.samples) for r in replies)
-    finally:
-        worker.in_flight = [h for h in worker.in_flight if h not in batch]
-        worker.notify()  # room for the next batch
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # noqa: BLE001 - answered as that job's error by the backend's replies()
+        return e
 
 
-def _run_in_thread(worker: Worker, jobs: list[Job]) -> list[SampleSet]:
+def _replies_in_thread(worker: Worker, done: list[tuple[Job, Any, float]]) -> list[SampleSet | None]:
     worker.apply_threads()
-    assert worker.runner is not None
-    replies: list[SampleSet] = worker.runner.run(jobs)
+    replies: list[SampleSet | None] = worker.runner.replies(done)
     return replies
