@@ -14,7 +14,6 @@ import argparse
 import gzip
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -64,7 +63,7 @@ async def _measure(redis_url: str, mode: str, endpoint: str, args: argparse.Name
     import anyio
 
     from middleware.client import Client
-    from middleware.runtime.launcher import alignq_command
+    from middleware.runtime.launcher import alignq_command, stop_process
     from schemas import Keys
     from schemas.lifecycle import read_heartbeats
 
@@ -95,13 +94,8 @@ async def _measure(redis_url: str, mode: str, endpoint: str, args: argparse.Name
                 "requests_per_s": round(args.requests / wall_s, 1),
                 "p50_latency_ms": round(1000 * statistics.median(latencies), 2)}
     finally:
+        await stop_process(scheduler, grace_s=30)
         with anyio.CancelScope(shield=True):
-            scheduler.send_signal(signal.SIGTERM)
-            with anyio.move_on_after(30):
-                await scheduler.wait()
-            if scheduler.returncode is None:
-                scheduler.kill()
-                await scheduler.wait()
             await _delete_namespace(redis_url, namespace)
 
 

@@ -10,7 +10,6 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 import sys
 
 import anyio
@@ -21,6 +20,7 @@ from gateway_support import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from middleware.client import Client
+from middleware.runtime.launcher import stop_process
 
 pytestmark = pytest.mark.anyio
 ALIGNQ = str(pathlib.Path(sys.executable).with_name("alignq"))
@@ -118,11 +118,5 @@ async def test_end_to_end_with_real_services(redis_url: str, tiny_llama_dir: pat
             assert after[("alignq_window_prompts_count", ())] >= 1
             assert after[("alignq_live_instances", (("role", "worker"),))] == 1
     finally:
-        if serve.returncode is None:
-            serve.send_signal(signal.SIGTERM)
-        with anyio.move_on_after(30):
-            await serve.wait()
-        if serve.returncode is None:
-            serve.kill()
-            await serve.wait()
+        await stop_process(serve, grace_s=30)
     assert serve.returncode == 0  # a graceful stop of every service

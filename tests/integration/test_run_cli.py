@@ -18,6 +18,7 @@ import uuid
 import pytest
 import redis
 
+from middleware.runtime.launcher import KILL_TIMEOUT_S, SHUTDOWN_TIMEOUT_S
 from schemas import PAYLOAD_FIELD, AlignResult, Event, EventKind, Keys, decode
 
 KEYS = Keys("alignq")
@@ -105,6 +106,33 @@ def test_run_answers_every_prompt_once_with_its_best_sample(tiny_llama_dir: path
     assert "prompt" in done.stderr  # the progress bar
 
 
+def descendants(pid: int) -> dict[int, str]:
+    """pid -> command line of every live process below ``pid`` (/proc/PID/task/TID/children)."""
+    found: dict[int, str] = {}
+    stack = [pid]
+    while stack:
+        for task in pathlib.Path(f"/proc/{stack.pop()}/task").glob("*"):
+            try:
+                children = [int(child) for child in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            for child in children:
+                try:
+                    found[child] = (pathlib.Path(f"/proc/{child}/cmdline").read_bytes()
+                                    .replace(b"\0", b" ").decode(errors="replace"))
+                except OSError:
+                    continue
+                stack.append(child)
+    return found
+
+
+def is_running(pid: int) -> bool:
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_run_on_embedded_redis_reports_errors_and_stops_everything(tiny_llama_dir: pathlib.Path,
                                                                    tmp_path: pathlib.Path) -> None:
     prompts = write_prompts(tmp_path / "p.jsonl", [
@@ -120,26 +148,41 @@ def test_run_on_embedded_redis_reports_errors_and_stops_everything(tiny_llama_di
     assert alignq_children(marker) == []
 
 
-def test_ctrl_c_stops_the_workers_and_redis_it_started(tiny_llama_dir: pathlib.Path, tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize("target", ["parent", "group"])
+def test_ctrl_c_stops_the_workers_and_redis_it_started(tiny_llama_dir: pathlib.Path, tmp_path: pathlib.Path,
+                                                       target: str) -> None:
+    """Mid-run Ctrl-C: exit 130 within the launcher's shutdown bound, nothing it started left running.
+
+    ``parent``: SIGINT to alignq alone; ``group``: to its whole process group, as a terminal sends it (the
+    children and the embedded Redis run in sessions of their own, so they are stopped by alignq, in order).
+    """
     prompts = write_prompts(tmp_path / "p.jsonl", [{"prompt": f"p{i}", "budget": 64} for i in range(64)])
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALIGNQ_")}
     marker = f"alignq-test-{uuid.uuid4().hex}"
     env.update(fast_env(tiny_llama_dir, ALIGNQ_MAX_NEW_TOKENS="64", ALIGNQ_TEST_MARKER=marker))
     process = subprocess.Popen([*ALIGNQ, "run", str(prompts), "-q"], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         give_up_at = time.monotonic() + 120
         while not any("main() worker" in c for c in alignq_children(marker)) and time.monotonic() < give_up_at:
             time.sleep(0.1)
+        started = descendants(process.pid)  # the workers and the embedded Redis (whose environ it overwrites)
+        assert any("redis-server" in command for command in started.values()), started
         time.sleep(float(os.environ.get("CTRL_C_AFTER_S", "2")))
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 130
+        if target == "group":
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGINT)
+        interrupted_at = time.monotonic()
+        assert process.wait(timeout=SHUTDOWN_TIMEOUT_S + KILL_TIMEOUT_S + 10) == 130
+        assert time.monotonic() - interrupted_at < SHUTDOWN_TIMEOUT_S + KILL_TIMEOUT_S
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()  # reaped here, not by the garbage collector in a later test
         process.stderr.close()
     assert alignq_children(marker) == []
+    assert [pid for pid in started if is_running(pid)] == []
 
 
 @pytest.mark.slow
