@@ -213,7 +213,8 @@ class Keys:
         return self._key("quota", "samples", tenant)
 
     def kept_samples(self, request_id: str) -> str:
-        """Hash sample_index -> encoded Sample: scored samples reused after a scheduler dies."""
+        """Hash sample_index -> encoded Sample: scored samples reused after a scheduler dies; and field
+        ``grant`` (middleware.scheduler.plans.Grant): what stage 2 granted the request, written by its scheduler."""
         return self._request_key(request_id, "kept")
 
     @property

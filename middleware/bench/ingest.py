@@ -46,8 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="redis-benchmark connections (-c); 1 matches the client's single connection")
     parser.add_argument("--redis-benchmark-requests", type=int, default=200_000,
                         help="XADDs redis-benchmark sends (default 200000)")
-    parser.add_argument("--standard-baseline-requests", type=int, default=100_000,
-                        help="XADDs of the reference run in redis-benchmark's defaults (-c 50 -P 1); 0 skips it")
+    parser.add_argument("--standard-baseline-requests", type=int, default=None,
+                        help="XADDs of the reference run in redis-benchmark's defaults (-c 50 -P 1); 0 skips it "
+                             "(default: --redis-benchmark-requests, at most 100000)")
     parser.add_argument("--window", type=int, default=256, help="prompts in the allocation window")
     parser.add_argument("--window-budget", type=int, default=16, help="budget per prompt in the allocation window")
     parser.add_argument("--repeats", type=int, default=21, help="allocation repeats (median reported)")
@@ -75,9 +76,11 @@ def run(args: argparse.Namespace) -> int:
         )
         report["redis_benchmark_cpu_us"] = cpu_us_per_request(
             children_cpu_s() - children_before_s, server_cpu_s() - server_before_s, args.redis_benchmark_requests)
-        if args.standard_baseline_requests > 0:
+        standard_requests = (min(100_000, args.redis_benchmark_requests) if args.standard_baseline_requests is None
+                             else args.standard_baseline_requests)
+        if standard_requests > 0:
             report["redis_benchmark_standard_xadd_per_s"] = redis_benchmark_xadd(
-                redis_url, num_requests=args.standard_baseline_requests, payload_bytes=report["payload_bytes"],
+                redis_url, num_requests=standard_requests, payload_bytes=report["payload_bytes"],
                 pipeline=1, clients=50, key=f"{report['namespace']}:redis-benchmark")
     report["submit_many_over_redis"] = report["submit_many_per_s"] / report["redis_benchmark_xadd_per_s"]
     if "redis_benchmark_standard_xadd_per_s" in report:

@@ -2,8 +2,8 @@
 
 Admission is one Lua script call per chunk and shard (``middleware.client.admission``): idempotent on
 the id with the same request, ``Conflict`` on the same id with a different one, ``QuotaExceeded`` past
-the tenant's quotas, ``Overloaded`` past ``max_pending``. Requests are validated and encoded first, all
-of them, by ``middleware.client.wire_form``.
+the tenant's quotas, ``Overloaded`` past ``max_pending``. Every request is validated before the first
+chunk is sent, then encoded chunk by chunk (``middleware.client.wire_form``).
 """
 
 from __future__ import annotations

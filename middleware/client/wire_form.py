@@ -139,14 +139,17 @@ class WireBatch:
         self.wire_ids = [self._encoded[index].wire_id if index in self._encoded
                          else scoped_request_id(tenant, next(prompt_ids)) for index in range(len(items))]
         self.caller_ids = [caller_request_id(wire_id) for wire_id in self.wire_ids]  # what the caller sees
-        self._template_fields = AlignRequest(prompt="x", tenant=tenant, request_id=scoped_request_id(tenant, "x"),
-                                             traceparent=trace_fields.get("traceparent")).model_dump()
+        self._template_fields = AlignRequest(  # the fields every plain prompt shares, validated once
+            prompt="x", tenant=tenant, request_id=scoped_request_id(tenant, "x"),
+            traceparent=trace_fields.get("traceparent")).model_dump() if self._prompts else {}
 
     def __len__(self) -> int:
         return len(self.wire_ids)
 
     def encode(self, start: int, stop: int) -> list[WireRequest]:
         """Items ``start:stop`` as the submit script takes them; prompts stamped with the time now."""
+        if not self._prompts:
+            return [self._encoded[index] for index in range(start, min(stop, len(self.wire_ids)))]
         template = _PromptTemplate({**self._template_fields, "submitted_at_ms": now_ms()})
         fields = self._template_fields
         samples, model, method = fields["budget"] or self._default_budget, fields["model"], fields["method"]

@@ -30,6 +30,7 @@ from middleware.scheduler.plans import (
     FINAL_STAGES,
     Answer,
     CoreConfig,
+    Grant,
     JobRef,
     Plan,
     RequestState,
@@ -106,8 +107,9 @@ class SchedulerCore:
 
     # -- inputs -----------------------------------------------------------------------------------
     def admit(self, request: AlignRequest, *, entry_id: str | None, now_ms: int,
-              kept: Iterable[Sample] = ()) -> Plan:
-        """Take a request from the stream. ``kept``: samples a previous owner already had scored."""
+              kept: Iterable[Sample] = (), grant: Grant | None = None) -> Plan:
+        """Take a request from the stream. ``kept``: samples a previous owner already had scored;
+        ``grant``: what its window's stage 2 granted it then (a ``bon`` request finishes on it, windowless)."""
         plan = Plan()
         rid = request.request_id
         if rid in self.requests:  # redelivered while we hold it: one owner, ack the copy
@@ -129,6 +131,8 @@ class SchedulerCore:
         deadline_at_ms = request.deadline_at_ms
         if deadline_at_ms is not None and deadline_at_ms <= now_ms:
             return plan.extend(self._finish_past_deadline(state, now_ms))
+        if request.method == Method.BON and grant is not None:
+            return plan.extend(self._resume_granted(state, grant, now_ms))
         if request.method == Method.BON:
             if self._forming_lane() not in (None, Lane.of(request.priority)):
                 # One priority lane per window: stage 2 waits for the whole window's exploration,
@@ -146,6 +150,18 @@ class SchedulerCore:
             plan.jobs.extend(self._jobs_for(state, kind, 0, state.budget, now_ms))
             if not state.jobs:  # everything was kept
                 plan.extend(self._answer(state, now_ms))
+        return plan
+
+    def _resume_granted(self, state: RequestState, grant: Grant, now_ms: int) -> Plan:
+        """A request whose window planned stage 2 before it was dropped (failover, lost lease): the rest of
+        its grant, from where its kept samples end (the same exploit job, when none of it was kept)."""
+        state.stage = Stage.EXPLOITING
+        state.num_explore = grant.num_explore
+        state.num_exploit = max(0, grant.total - len(state.samples))
+        offset = max(state.samples) + 1 if state.samples else 0
+        plan = Plan(jobs=self._jobs_for(state, JobKind.EXPLOIT, offset, state.num_exploit, now_ms))
+        if not state.jobs:
+            plan.extend(self._answer(state, now_ms))
         return plan
 
     def tick(self, now_ms: int, *, close_forming: bool = False) -> Plan:
@@ -293,6 +309,8 @@ class SchedulerCore:
             if state.num_exploit > 0:
                 offset = max(state.samples) + 1  # after everything explored (or kept)
                 plan.jobs.extend(self._jobs_for(state, JobKind.EXPLOIT, offset, state.num_exploit, now_ms))
+                if state.jobs:  # kept with the samples: a re-read request finishes on it (Grant)
+                    plan.grants[rid] = Grant(state.num_explore, len(state.samples) + state.num_exploit)
             if not state.jobs:  # allocated nothing, or all kept: easy prompts do not wait
                 plan.extend(self._answer(state, now_ms))
         return plan

@@ -2,7 +2,8 @@
 
 ``PlanWriter.apply(plan)`` is the only place the scheduler service turns a plan into writes, in the order
 the plan requires: events and jobs (one pipeline; an event always precedes the jobs that may answer it),
-then each answer, then plain acks, then window telemetry.
+then each answer, then plain acks, then window telemetry. Stage-2 grants go with the request's kept
+samples (``plans.Grant``), written in the same pipeline ahead of the jobs.
 
 Each answer is published by ``ANSWER_LUA``: SET NX the request's claim marker and, only if it was
 set, store the result, XADD the terminal event and drop the request from the pending set; in every
@@ -25,7 +26,7 @@ import anyio.lowlevel
 import redis.asyncio as aioredis
 
 from middleware.metrics import Telemetry
-from middleware.scheduler.plans import Answer, Plan, RequestState
+from middleware.scheduler.plans import GRANT_FIELD, Answer, Plan, RequestState
 from middleware.scheduler.results import error_result
 from middleware.scheduler.tracing import SchedulerTracing
 from middleware.settings import SchedulerSettings
@@ -89,7 +90,7 @@ class PlanWriter:
     async def apply(self, plan: Plan) -> None:
         """Write a plan's effects: events and jobs (one pipeline), then each answer, then plain acks."""
         self.tracing.observe(plan, self.requests)  # spans; stamps jobs with their traceparent
-        if plan.events or plan.jobs:
+        if plan.events or plan.jobs or plan.grants:
             await retry("publish jobs", lambda: self._publish(plan))
         for number, answer in enumerate(plan.answers):
             if number:  # each answer is shielded: on shutdown, stop between them (the rest stay for reclaim)
@@ -114,6 +115,9 @@ class PlanWriter:
             for event in plan.events:  # before the jobs: a reply can only follow its own events
                 pipe.xadd(self.keys.events(event.request_id), {PAYLOAD_FIELD: encode(event)})
                 pipe.expire(self.keys.events(event.request_id), ttl_s)
+            for request_id, grant in plan.grants.items():  # before the jobs: durable whenever they are
+                pipe.hset(self.keys.kept_samples(request_id), GRANT_FIELD, grant.encode())
+                pipe.expire(self.keys.kept_samples(request_id), ttl_s)
             for job in plan.jobs:  # a lane per priority class, a stream per model (schemas.keys)
                 pipe.xadd(self.keys.job_stream(job.model, Lane.of(job.priority)), {PAYLOAD_FIELD: encode(job)})
             await pipe.execute()

@@ -6,7 +6,8 @@
     delivered > max_deliveries    dead-lettered; answered ``delivery_exhausted`` if its id can be salvaged
     not a valid AlignRequest      answered ``bad_request`` (id salvaged), else dead-lettered
     already answered (claimed)    acked, nothing else (a scheduler died between answering and acking)
-    otherwise                     admitted, with the samples a previous owner kept (``keys.kept_samples``)
+    otherwise                     admitted, with the samples a previous owner kept (``keys.kept_samples``),
+                                  and the stage-2 grant its window gave it, if one did (``plans.Grant``)
 
 ``recover_stale_jobs`` reads the kept samples of requests whose jobs have waited longer than
 ``claim_idle_ms`` and completes the jobs they cover (a reply that went to a dead scheduler's stream).
@@ -20,7 +21,7 @@ from typing import Any
 
 from middleware.scheduler.core import SchedulerCore
 from middleware.scheduler.effects import PlanWriter, retry
-from middleware.scheduler.plans import Plan
+from middleware.scheduler.plans import GRANT_FIELD, Grant, Plan
 from schemas import (
     SCHEDULER_GROUP,
     AlignRequest,
@@ -38,11 +39,15 @@ __all__ = ["Intake", "decode_kept"]
 
 logger = logging.getLogger(__name__)
 
+GRANT_BYTES = GRANT_FIELD.encode()  # HGETALL's field names are bytes
+
 
 def decode_kept(request_id: str, raw: dict[bytes, bytes]) -> list[Sample]:
     """A request's kept samples (HGETALL keys.kept_samples), skipping any that do not decode."""
     samples = []
-    for data in raw.values():
+    for name, data in raw.items():
+        if name == GRANT_BYTES:
+            continue
         try:
             samples.append(decode(Sample, data))
         except SchemaError as e:
@@ -108,9 +113,10 @@ class Intake:
                 plan.acks.append(entry.entry_id)
                 continue
             kept = decode_kept(request.request_id, kept_raw)
-            if kept:
-                logger.info("reusing %d kept samples request_id=%s", len(kept), request.request_id)
-            plan.extend(self.core.admit(request, entry_id=entry.entry_id, now_ms=now_ms(), kept=kept))
+            grant = Grant.decode(kept_raw.get(GRANT_BYTES))
+            if kept or grant:
+                logger.info("reusing %d kept samples request_id=%s grant=%s", len(kept), request.request_id, grant)
+            plan.extend(self.core.admit(request, entry_id=entry.entry_id, now_ms=now_ms(), kept=kept, grant=grant))
         await self.writer.apply(plan)
 
     async def recover_stale_jobs(self) -> None:

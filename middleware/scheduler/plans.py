@@ -13,7 +13,8 @@ from typing import Any
 
 from schemas import AlignRequest, AlignResult, ErrorInfo, Event, Job, JobKind, Sample
 
-__all__ = ["FINAL_STAGES", "Answer", "CoreConfig", "JobRef", "Plan", "RequestState", "Stage", "Window", "WindowSummary"]
+__all__ = ["FINAL_STAGES", "GRANT_FIELD", "Answer", "CoreConfig", "Grant", "JobRef", "Plan", "RequestState", "Stage",
+           "Window", "WindowSummary"]
 
 
 class Stage(StrEnum):
@@ -61,6 +62,37 @@ class Answer:
     stage1_best_reward: float | None = None  # for the stage-2 gain telemetry
 
 
+#: The field of ``keys.kept_samples(request_id)`` (otherwise sample index -> Sample) that holds its Grant.
+GRANT_FIELD = "grant"
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What stage 2 granted a ``bon`` request: ``total`` samples in all, of which ``num_explore`` explored.
+
+    ``total`` is the window's decision, and may exceed the request's own budget: prompts that needed
+    fewer samples left theirs in the window's pool. Kept in Redis with the request's samples, so a
+    request re-read after a failover or a lost lease finishes on its grant instead of being planned
+    again alone, on its own budget (which under-spent the window: one sample short in test_redis_restart).
+    """
+
+    num_explore: int
+    total: int
+
+    def encode(self) -> str:
+        return f"{self.num_explore},{self.total}"
+
+    @classmethod
+    def decode(cls, data: bytes | str | None) -> Grant | None:
+        """The grant, or None if absent or malformed (then the request is planned as a new one)."""
+        text = data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+        try:
+            num_explore, total = map(int, text.split(","))
+        except ValueError:
+            return None
+        return cls(num_explore, total) if 0 <= num_explore <= total else None
+
+
 @dataclass(slots=True)
 class WindowSummary:
     """A planned window, for telemetry."""
@@ -79,8 +111,10 @@ class Plan:
     answers: list[Answer] = field(default_factory=list)  # answer-once script each
     acks: list[str] = field(default_factory=list)  # request entries to XACK without an answer (duplicates)
     windows: list[WindowSummary] = field(default_factory=list)
+    grants: dict[str, Grant] = field(default_factory=dict)  # HSET keys.kept_samples(rid) GRANT_FIELD, before jobs
 
     def extend(self, other: Plan) -> Plan:
+        self.grants.update(other.grants)
         self.jobs.extend(other.jobs)
         self.events.extend(other.events)
         self.answers.extend(other.answers)
@@ -89,7 +123,7 @@ class Plan:
         return self
 
     def __bool__(self) -> bool:
-        return bool(self.jobs or self.events or self.answers or self.acks or self.windows)
+        return bool(self.jobs or self.events or self.answers or self.acks or self.windows or self.grants)
 
 
 @dataclass(slots=True)

@@ -64,6 +64,9 @@ def test_ingest_reports_rates_and_cleans_up(redis_url: str, capsys: pytest.Captu
     assert report["submit_many_over_redis"] == pytest.approx(
         report["submit_many_per_s"] / report["redis_benchmark_xadd_per_s"])
     assert report["hardware"]["cpu_count"] >= 1
+    assert report["submit_many_cpu_us"]["client"] > 0 and report["redis_benchmark_standard_xadd_per_s"] > 0
+    if report["submit_many_cpu_us"]["server"] is not None:  # a Redis on this host: its CPU time is in /proc
+        assert report["submit_many_over_redis_cpu"] > 0
     connection = redis.Redis.from_url(redis_url)
     try:
         assert connection.dbsize() == 0, "the benchmark left keys behind"

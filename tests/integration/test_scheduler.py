@@ -296,6 +296,43 @@ async def test_killed_scheduler_requests_are_reclaimed_and_kept_samples_reused(r
         assert [e.kind for e in await all_events(redis, rid)].count(EventKind.DONE) == 1
 
 
+async def test_an_heir_spends_what_the_dead_schedulers_window_granted(redis: aioredis.Redis) -> None:
+    """Killed after stage 2: the heir finishes each request on its grant, the window's budget spent once.
+
+    The easy prompt (always solved) gives its stage-2 share to the others and is answered before the kill;
+    re-planned on their own budgets, the others would spend 3 x 8 and the window 4 less than its 4 x 8.
+    """
+    settings = make_settings(_url(redis), max_window=4, window_ms=20, claim_idle_ms=300)
+    doomed = SyntheticWorker(redis, delays_s={JobKind.EXPLOIT: 60})  # dies with the scheduler, stage 2 undone
+    doomed.consumer = StreamConsumer(redis, KEYS.jobs, WORKER_GROUP, "doomed")
+    async with anyio.create_task_group() as tg:
+        doomed_scope, victim_scope = anyio.CancelScope(), anyio.CancelScope()
+
+        async def run_doomed() -> None:
+            with doomed_scope:
+                await doomed.run()
+
+        tg.start_soon(run_doomed)
+        victim = Scheduler(settings, redis=redis, scheduler_id="victim")
+        tg.start_soon(partial(_run_in_scope, victim, victim_scope))
+        async with Client(redis) as client:
+            ids = await client.submit_many([{"prompt": f"g{i}", "budget": 8, "metadata": {"p": 1.0 if i == 0 else 0.0}}
+                                            for i in range(4)])
+            with anyio.fail_after(10):
+                while not all([await has_event(redis, rid, EventKind.ALLOCATED) for rid in ids]):
+                    await anyio.sleep(0.02)
+        victim_scope.cancel()
+        doomed_scope.cancel()
+        await anyio.sleep(0.05)
+        async with running(redis, settings, worker=SyntheticWorker(redis)) as (heir,), Client(redis) as client:
+            results = {r.request_id: r for r in await results_of(client, ids)}
+        tg.cancel_scope.cancel()
+    assert victim.num_answered == 1 and heir.num_answered == 3
+    assert results[ids[0]].samples_used == 4  # explored only
+    assert sorted(results[rid].samples_used for rid in ids[1:]) == [9, 9, 10]  # 8 + the easy one's 4, shared
+    assert sum(r.samples_used for r in results.values()) == 4 * 8
+
+
 async def _run_in_scope(scheduler: Scheduler, scope: anyio.CancelScope) -> None:
     with scope:
         await scheduler.run()

@@ -273,3 +273,42 @@ def test_releasing_the_last_unexplored_request_lets_its_window_plan() -> None:
     plan = core.release("lost", T0 + 2)
     assert [(job.request_id, job.kind) for job in plan.jobs] == [("kept", JobKind.EXPLOIT)]
     assert not plan.answers and "lost" not in core.requests
+
+
+def test_a_request_re_read_after_stage_2_finishes_on_its_grant_not_its_own_budget() -> None:
+    """A failover (or a lost lease) after stage 2 drops the window's requests; re-read, each must spend
+    what the window granted it. Planned again alone on its own budget, the share an easy prompt left in
+    the pool was lost: the window spent one sample less (test_redis_restart's 11 of 12)."""
+    core = make_core(max_window=3, default_budget=8, explore_fraction=0.5)
+    jobs = {job.request_id: job for job in admit_all(core, make_request("easy"), make_request("hard1"),
+                                                     make_request("hard2")).jobs}
+    plan = core.on_sample_set(reply(jobs["easy"], [1.0, 1.0, 1.0, 1.0]), T0 + 10)
+    explored = {rid: reply(jobs[rid], [0.0, 0.0, 0.0, 0.0]) for rid in ("hard1", "hard2")}
+    for sample_set in explored.values():
+        plan.extend(core.on_sample_set(sample_set, T0 + 11))
+    (easy,) = [answer.result for answer in plan.answers]
+    exploit = {job.request_id: job for job in plan.jobs}
+    assert {rid: (g.num_explore, g.total) for rid, g in plan.grants.items()} == {"hard1": (4, 10), "hard2": (4, 10)}
+    for rid in ("hard1", "hard2"):  # the primary changed: forget, re-read with what Redis kept
+        core.release(rid, T0 + 12)
+    answers = []
+    for i, rid in enumerate(("hard1", "hard2")):
+        resumed = core.admit(make_request(rid), entry_id=f"{i + 2}-0", now_ms=T0 + 13,
+                             kept=explored[rid].samples, grant=plan.grants[rid])
+        assert [(j.job_id, j.num_samples) for j in resumed.jobs] == [(exploit[rid].job_id, 6)]  # the same job
+        answers += core.on_sample_set(reply(resumed.jobs[0]), T0 + 14).answers
+    results = [answer.result for answer in answers]
+    assert [(r.samples_used, r.explore_samples, r.exploit_samples) for r in results] == [(10, 4, 6)] * 2
+    assert easy.samples_used + sum(r.samples_used for r in results) == 3 * 8  # the window's budget, once
+    assert core.num_in_flight == 0 and not core.windows
+
+
+def test_a_granted_request_whose_samples_are_all_kept_is_answered_at_once() -> None:
+    from middleware.scheduler.plans import Grant
+
+    core = make_core(default_budget=4)
+    kept = [Sample(index=i, text=f"k{i}", reward=float(i), num_tokens=2) for i in range(5)]
+    plan = core.admit(make_request("a"), entry_id="1-0", now_ms=T0, kept=kept, grant=Grant(3, 5))
+    assert not plan.jobs and [(a.result.samples_used, a.result.explore_samples) for a in plan.answers] == [(5, 3)]
+    assert Grant.decode(Grant(3, 5).encode().encode()) == Grant(3, 5)
+    assert Grant.decode(b"bad") is None and Grant.decode(None) is None and Grant.decode(b"5,3") is None
