@@ -171,7 +171,8 @@ async def _submit_all(client: Client, requests: list[AlignRequest]) -> list[str]
         except Overloaded as e:
             submitted.extend(e.submitted_ids)
             rejected = set(e.rejected_ids)
-            remaining = [request for request in remaining if request.request_id in rejected]
+            # rejected_ids are the caller's ids; a tenant's requests carry scoped wire ids
+            remaining = [request for request in remaining if client.caller_id(request.request_id) in rejected]
             logger.info("queue full, retrying %d requests in %.2f s", len(remaining), e.retry_after_s)
             await anyio.sleep(e.retry_after_s)
     return submitted

@@ -78,3 +78,29 @@ async def test_cli_submits_and_cancels_in_a_tenant_scope(redis_url: str, tmp_pat
     assert cancelled.returncode == 0
     assert json.loads(cancelled.stdout) == {"request_id": "job-7", "cancelled": True, "status": "cancelled"}
 
+
+
+async def test_cli_submit_retries_a_tenants_rejected_requests_after_backpressure(redis_url: str) -> None:
+    """`alignq submit --tenant` waits out a full queue and then submits every request, none dropped:
+    Overloaded names rejected requests by the caller's id, while a tenant's requests carry wire ids."""
+    from gateway_support import KEYS, publish_answer
+
+    from middleware.cli.batch import _submit_all
+    from middleware.client.building import build_request
+    from schemas import AlignResult, ResultStatus
+
+    requests = [build_request(f"prompt {i}", tenant="acme", request_id=f"r{i}", budget=2) for i in range(3)]
+    async with Client(redis_url, tenant="acme", max_pending=2) as client:
+
+        async def answer_one_when_full() -> None:
+            while await client.redis.zcard(KEYS.pending_requests) < 2:
+                await anyio.sleep(0.02)
+            first = (await client.redis.zrange(KEYS.pending_requests, 0, 0))[0].decode()
+            await publish_answer(client.redis, AlignResult(request_id=first, status=ResultStatus.OK, samples=[]))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(answer_one_when_full)
+            with anyio.fail_after(20):
+                submitted = await _submit_all(client, requests)
+        assert sorted(client.caller_id(i) for i in submitted) == ["r0", "r1", "r2"]
+        assert await client.redis.xlen(KEYS.requests) == 3
