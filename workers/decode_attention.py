@@ -47,7 +47,9 @@ def one_token_attention(module: Any, query: torch.Tensor, key: torch.Tensor, val
     group = heads // kv_heads
     # the query heads of one KV head become that head's "query rows": no repeat_kv copy of the cache
     grouped = query.reshape(batch, kv_heads, group, dim)
-    scores = torch.matmul(grouped, key.transpose(-1, -2)).float()  # (B, H_kv, G, T)
+    # keys @ query^T, not query @ keys^T: the keys are a view into a buffer with room
+    # (decode_batch.RoomyLayer), and bf16 bmm takes a slow path for a transposed strided operand
+    scores = torch.matmul(key, grouped.transpose(-1, -2)).float().transpose(-1, -2)  # (B, H_kv, G, T)
     scores *= scaling if scaling is not None else dim ** -0.5
     if attention_mask is not None:
         scores.masked_fill_(~attention_mask, float("-inf"))
