@@ -111,8 +111,8 @@ class RoomyLayer(DynamicLayer):
 
     def select(self, rows: torch.Tensor, first: int) -> None:
         """Keep only ``rows`` and the columns from ``first`` on (one copy; the room on the right stays)."""
-        self.key_buffer = self.key_buffer.index_select(0, rows)[:, :, first:]
-        self.value_buffer = self.value_buffer.index_select(0, rows)[:, :, first:]
+        self.key_buffer = self.key_buffer[:, :, first:].index_select(0, rows)
+        self.value_buffer = self.value_buffer[:, :, first:].index_select(0, rows)
         self._set_width(self.width - first)
 
 
@@ -193,8 +193,10 @@ class DecodeBatch:
         new_layers: list[Any] = []
         for layer in range(len(states[0].layers)):
             shape = states[0].layers[layer][0].shape  # (1, H, L, D)
-            keys = states[0].layers[layer][0].new_zeros((num_old + len(tags), shape[1], total + room, shape[3]))
-            values = torch.zeros_like(keys)
+            keys = states[0].layers[layer][0].new_empty((num_old + len(tags), shape[1], total + room, shape[3]))
+            values = torch.empty_like(keys)
+            keys[:, :, :total].zero_()  # padding must be finite (masked, weight 0); the room is written before read
+            values[:, :, :total].zero_()
             if num_old:  # one copy of the running rows, right-aligned at the new width
                 old_keys, old_values = self._layer(layer)
                 keys[:num_old, :, total - old_width:total] = old_keys

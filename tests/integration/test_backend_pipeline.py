@@ -25,7 +25,7 @@ SLOW_S = 3.0
 
 
 class FakeServer(BaseHTTPRequestHandler):
-    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+    def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         time.sleep(SLOW_S if "slow" in body["prompt"] else 0.05)
         reply = json.dumps({"choices": [{"text": f" answer {body['seed']}", "finish_reason": "stop"}],

@@ -1,9 +1,13 @@
 """The ``openai`` backend: samples from an OpenAI-compatible server, scored by the worker's reward model.
 
-``run(jobs)`` is called in the worker's model thread like the hf engine. It sends one request per
-sample (``openai_wire``: seeded from the request seed and the sample index), at most
-``max_concurrency`` in flight, on an event loop of its own (one connection pool for the worker's
-life), then scores every sample of the batch in one reward call (``scoring``).
+    future = backend.submit(job)            # every sample of the job starts now; any thread
+    replies = backend.replies([(job, samples_or_error, generate_s), ...])   # one reward call, blocking
+    replies = backend.run(jobs)             # both, for a batch (blocking; tests and tools)
+
+One request per sample (``openai_wire``: seeded from the request seed and the sample index), at most
+``max_concurrency`` in flight over all jobs, on an event loop of its own (one connection pool for the
+worker's life). The worker's loop (``openai_loop``) submits jobs as they arrive and scores each job
+once its own samples are back, in one reward call with whatever else finished meanwhile (``scoring``).
 
 Server failures:
 
@@ -65,7 +69,8 @@ class JobCancelled(Exception):
 
 
 class OpenAIBackend:
-    """Bon and uniform jobs through an OpenAI-compatible server. ``run`` from one thread at a time."""
+    """Bon and uniform jobs through an OpenAI-compatible server. ``submit`` from any thread; ``replies``
+    and ``run`` from one thread at a time (they call the reward model)."""
 
     def __init__(self, base_url: str, reward: Any, *, worker_id: str, model: str | None = None,
                  api_key: str | None = None, max_concurrency: int = 64, timeout_s: float = 120.0) -> None:
