@@ -12,7 +12,10 @@ A pipeline, job by job, so the server is never left waiting on alignq:
     publish   each reward call's jobs are published + XACKed (shielded) together, right after it
 
 So no job waits for the slowest job of its batch, and the last job's reply costs one small reward
-call, not one over the whole batch. A job that fails (server 4xx, deadline) is answered in the same
+call, not one over the whole batch. The reward runs in a thread of its own at a lower CPU priority
+(``SCORING_NICE``): where the server shares this host's cores (llama-server on CPU), scoring takes
+the time the server leaves idle instead of stalling its decode threads mid-batch; on a host of its
+own it runs at full speed. A job that fails (server 4xx, deadline) is answered in the same
 way; a job abandoned at shutdown gets no reply (it stays pending for reclaim). ``generate_s`` of a
 job is its share of the generating time: each moment split over the jobs generating then, by samples.
 """
@@ -20,6 +23,10 @@ job is its share of the generating time: each moment split over the jobs generat
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +38,11 @@ from workers.jobs import HeldJob, take_batch
 if TYPE_CHECKING:
     from workers.service import Worker
 
-__all__ = ["overlapping_loop"]
+__all__ = ["SCORING_NICE", "overlapping_loop"]
+
+logger = logging.getLogger(__name__)
+
+SCORING_NICE = 19  # the scoring thread's nice value (its torch threads inherit it); 0: as the worker
 
 Finished = tuple[HeldJob, Any, float]  # the job, its samples or the exception that stopped it, generate_s
 
@@ -63,8 +74,16 @@ class _Pipeline:
         self.finished: list[Finished] = []
         self.finished_changed = anyio.Event()
         self.num_generating = 0  # jobs started, not yet back from the server
+        self.scorer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="openai-scoring",
+                                                            initializer=_lower_priority)
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self.scorer.shutdown(wait=False)  # an abandoned reward call finishes in its thread
+
+    async def _run(self) -> None:
         worker = self.worker
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._score_loop)
@@ -103,9 +122,8 @@ class _Pipeline:
                 continue
             done, self.finished = self.finished, []
             try:
-                replies = await anyio.to_thread.run_sync(_replies_in_thread, worker,
-                                                         [(h.job, outcome, s) for h, outcome, s in done],
-                                                         abandon_on_cancel=True)
+                replies = await asyncio.wrap_future(self.scorer.submit(
+                    _replies_in_thread, worker, [(h.job, outcome, s) for h, outcome, s in done]))
                 published = [(h.entry_id, h.job, reply) for (h, _, _), reply in zip(done, replies) if reply is not None]
                 worker.stats.num_batches += 1
                 worker.stats.max_batch_jobs = max(worker.stats.max_batch_jobs, len(done))
@@ -136,6 +154,16 @@ async def _outcome(future: Any) -> Any:
         raise
     except Exception as e:  # noqa: BLE001 - answered as that job's error by the backend's replies()
         return e
+
+
+def _lower_priority() -> None:
+    """In the scoring thread: nice it (Linux: per thread; the torch threads it starts inherit it)."""
+    if SCORING_NICE <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SCORING_NICE)
+    except OSError as e:
+        logger.info("could not lower the scoring thread's priority: %s", e)
 
 
 def _replies_in_thread(worker: Worker, done: list[tuple[Job, Any, float]]) -> list[SampleSet | None]:
