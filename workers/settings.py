@@ -46,6 +46,10 @@ class WorkerSettings(BaseSettings):
     backend_api_key: SecretStr | None = Field(default=None, description="openai backend: bearer token for the server")
     backend_max_concurrency: int = Field(default=64, ge=1, description="openai backend: requests in flight to the server")
     backend_timeout_s: float = Field(default=120.0, gt=0, description="openai backend: limit (s) on one server call")
+    backend_colocated: bool | None = Field(
+        default=None, description="openai backend: the server shares this host's CPU cores, so the reward waits for a "
+        "lull in generation; none: true for a loopback URL",
+    )
     reward_model: str | None = Field(
         default=None,
         description="Reward spec: hf:<name-or-path>, embedding:<path>, python:<module>:<function>; none: MiniLM preference",

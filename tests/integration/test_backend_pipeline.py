@@ -1,6 +1,7 @@
-"""The openai backend's loop is a pipeline, job by job: a job is scored and published as soon as its own
-samples are back, never held for a slower job that started with it. Against a real llama-server: the
-slow job asks for many tokens of a story, the fast ones for two tokens."""
+"""The openai backend's loop is a pipeline, job by job. With the server on other hardware, a job is scored
+and published as soon as its own samples are back, never held for a slower job that started with it;
+with the server on this host's cores (colocated), a burst is scored once, after its last job. Against a
+real llama-server: the slow job asks for many tokens of a story, the fast ones for two tokens."""
 
 from __future__ import annotations
 
@@ -37,10 +38,12 @@ async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-async def test_a_job_is_published_when_its_own_samples_are_back(redis, redis_url, llama_server):
-    settings = WorkerSettings(redis_url=redis_url, backend="openai", backend_url=llama_server.url,
-                              reward_model="python:backend_support:reward_plus", device="cpu", num_threads=1,
-                              heartbeat_ms=200, claim_idle_ms=5000, shutdown_grace_s=10.0, backend_timeout_s=120.0)
+async def run_burst(redis, redis_url: str, server: LlamaServer, *, colocated: bool) -> tuple[Worker, list, list]:
+    """A slow job and three fast ones, all taken in one read: (worker, the first three replies, all four)."""
+    settings = WorkerSettings(redis_url=redis_url, backend="openai", backend_url=server.url,
+                              backend_colocated=colocated, reward_model="python:backend_support:reward_plus",
+                              device="cpu", num_threads=1, heartbeat_ms=200, claim_idle_ms=5000,
+                              shutdown_grace_s=10.0, backend_timeout_s=120.0)
     slow = make_job("slow", kind=JobKind.UNIFORM, num_samples=2, max_new_tokens=SLOW_TOKENS, temperature=0.8,
                     prompt="Write a long, detailed story about a dragon who learns to bake bread. Use many words.")
     fast = [make_job(f"fast{i}", kind=JobKind.UNIFORM, num_samples=2, max_new_tokens=2, prompt=f"Say hi {i}")
@@ -56,10 +59,34 @@ async def test_a_job_is_published_when_its_own_samples_are_back(redis, redis_url
         first = await replies(redis, 3, timeout_s=120)
         everything = await replies(redis, 4, timeout_s=120)
         stop.set()
-    assert {r.job_id for r in first} == {job.job_id for job in fast}  # not held for the slow one
-    assert everything[-1].job_id == slow.job_id and everything[-1].error is None
-    assert [s.index for s in everything[-1].samples] == [0, 1]
-    assert sum(s.num_tokens for s in everything[-1].samples) > 2 * 2  # it really was the longer job
+    assert worker.runner.colocated is colocated
+    slow_reply = next(r for r in everything if r.job_id == slow.job_id)
+    assert slow_reply.error is None and [s.index for s in slow_reply.samples] == [0, 1]
+    assert sum(s.num_tokens for s in slow_reply.samples) > 2 * 2  # it really was the longer job
     assert all(10.0 <= s.reward < 11.0 for r in everything for s in r.samples)  # scored by the worker
     assert worker.stats.num_samples == 8 and worker.stats.num_jobs_done == 4
     assert (await redis.xpending(KEYS.jobs, WORKER_GROUP))["pending"] == 0  # every job acked
+    return worker, first, everything
+
+
+async def test_a_job_is_published_when_its_own_samples_are_back(redis, redis_url, llama_server):
+    """A server on other hardware: each job is scored as soon as it is back."""
+    worker, first, everything = await run_burst(redis, redis_url, llama_server, colocated=False)
+    assert {r.job_id for r in first} == {f"fast{i}:uniform:0" for i in range(3)}  # not held for the slow one...
+    assert everything[-1].job_id == "slow:uniform:0"
+    assert worker.stats.num_batches >= 2  # ...but scored and published before it was back
+
+
+async def test_a_colocated_server_gets_a_burst_scored_after_its_last_job(redis, redis_url, llama_server):
+    """llama-server on this host's cores: no reward call while a job of the burst still generates."""
+    worker, _, _ = await run_burst(redis, redis_url, llama_server, colocated=True)
+    assert worker.stats.num_batches == 1 and worker.stats.max_batch_jobs == 4  # one reward call, all four
+
+
+def test_loopback_urls_mean_a_colocated_server() -> None:
+    from workers.backends.openai import is_loopback_url
+
+    assert all(is_loopback_url(u) for u in ("http://127.0.0.1:8080/v1", "http://localhost/v1", "http://[::1]:80/v1",
+                                            "http://127.3.2.1/v1"))
+    assert not any(is_loopback_url(u) for u in ("http://vllm:8000/v1", "https://api.example.com/v1",
+                                                "http://10.0.0.5:8000/v1"))

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ipaddress
 import logging
 import random
 import threading
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -46,7 +48,7 @@ from workers.backends.scoring import score_jobs
 from workers.errors import ModelLoadError
 from workers.jobs import error_sample_set
 
-__all__ = ["OpenAIBackend", "load_openai_backend"]
+__all__ = ["OpenAIBackend", "is_loopback_url", "load_openai_backend"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +75,11 @@ class OpenAIBackend:
     and ``run`` from one thread at a time (they call the reward model)."""
 
     def __init__(self, base_url: str, reward: Any, *, worker_id: str, model: str | None = None,
-                 api_key: str | None = None, max_concurrency: int = 64, timeout_s: float = 120.0) -> None:
+                 api_key: str | None = None, max_concurrency: int = 64, timeout_s: float = 120.0,
+                 colocated: bool | None = None) -> None:
         self.base_url = base_url.rstrip("/")
+        # the server computes on this host's cores: the worker's loop scores in lulls (openai_loop)
+        self.colocated = is_loopback_url(self.base_url) if colocated is None else colocated
         self.reward = reward
         self.worker_id = worker_id
         self.server_model = model  # sent as "model"; None: the server's choice
@@ -291,6 +296,17 @@ class OpenAIBackend:
             self._down_logged_at = 0.0
 
 
+def is_loopback_url(url: str) -> bool:
+    """Whether the URL's host is this machine by its loopback name or address (127/8, ::1, localhost)."""
+    host = (urlsplit(url).hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _outcome(future: concurrent.futures.Future) -> list[ServerSample] | BaseException:
     """A job future's samples, or the exception that stopped the job (a cancelled job included)."""
     try:
@@ -317,11 +333,12 @@ def load_openai_backend(settings: Any, *, worker_id: str) -> OpenAIBackend:
                          negative=settings.reward_negative)
     api_key = settings.backend_api_key.get_secret_value() if settings.backend_api_key else None
     backend = OpenAIBackend(url, reward, worker_id=worker_id, model=settings.backend_model, api_key=api_key,
-                            max_concurrency=settings.backend_max_concurrency, timeout_s=settings.backend_timeout_s)
+                            max_concurrency=settings.backend_max_concurrency, timeout_s=settings.backend_timeout_s,
+                            colocated=settings.backend_colocated)
     if settings.backend_model is None:
         backend.server_model = _first_model(backend, give_up_s=settings.backend_timeout_s)
-    logger.info("openai backend url=%s model=%s max_concurrency=%d", url, backend.server_model,
-                settings.backend_max_concurrency)
+    logger.info("openai backend url=%s model=%s max_concurrency=%d colocated=%s", url, backend.server_model,
+                settings.backend_max_concurrency, backend.colocated)
     return backend
 
 

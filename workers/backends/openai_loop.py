@@ -6,27 +6,28 @@ A pipeline, job by job, so the server is never left waiting on alignq:
               ``max_concurrency`` samples are generating there; its semaphore bounds the requests in
               flight to ``max_concurrency``, so the next sample goes out the moment one comes back,
               with no hop through this loop, even while a job waits on its last sample
-    score     a job whose samples are all back joins the next reward call at once; every job that
-              finished while the previous call ran is scored in the same call (one reward batch for
-              many jobs), in the model thread, while the server keeps generating the others
+    score     jobs whose samples are all back are scored together, in one reward call (one batch
+              over many jobs), in the model thread, while the server keeps generating the others
     publish   each reward call's jobs are published + XACKed (shielded) together, right after it
 
-So no job waits for the slowest job of its batch, and the last job's reply costs one small reward
-call, not one over the whole batch. The reward runs in a thread of its own at a lower CPU priority
-(``SCORING_NICE``): where the server shares this host's cores (llama-server on CPU), scoring takes
-the time the server leaves idle instead of stalling its decode threads mid-batch; on a host of its
-own it runs at full speed. A job that fails (server 4xx, deadline) is answered in the same
-way; a job abandoned at shutdown gets no reply (it stays pending for reclaim). ``generate_s`` of a
-job is its share of the generating time: each moment split over the jobs generating then, by samples.
+When a job is scored depends on where the server computes:
+
+- on other hardware (a GPU server; the default unless the URL is loopback): at once, with whatever
+  else finished meanwhile, so no job waits for the slowest job it arrived with;
+- on this host's CPU cores (``backend_colocated``: llama-server on CPU): in a lull, since the reward
+  model's threads would stall the server's decode threads mid-batch. Finished jobs wait until
+  nothing of this worker is generating, or every job taken with them is back (a burst is scored
+  after it, in one call), or ``max_concurrency`` samples are waiting. Measured on 2 cores with
+  llama-server ``-t 2``: scoring mid-batch cost 10-15% of the server's speed (docs/backends.md).
+
+A job that fails (server 4xx, deadline) is answered the same way; a job abandoned at shutdown gets no
+reply (it stays pending for reclaim). A job's ``generate_s`` is its share of the generating time:
+each moment split over the samples generating then.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import logging
-import os
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -38,11 +39,7 @@ from workers.jobs import HeldJob, take_batch
 if TYPE_CHECKING:
     from workers.service import Worker
 
-__all__ = ["SCORING_NICE", "overlapping_loop"]
-
-logger = logging.getLogger(__name__)
-
-SCORING_NICE = 19  # the scoring thread's nice value (its torch threads inherit it); 0: as the worker
+__all__ = ["overlapping_loop"]
 
 Finished = tuple[HeldJob, Any, float]  # the job, its samples or the exception that stopped it, generate_s
 
@@ -74,16 +71,13 @@ class _Pipeline:
         self.finished: list[Finished] = []
         self.finished_changed = anyio.Event()
         self.num_generating = 0  # jobs started, not yet back from the server
-        self.scorer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="openai-scoring",
-                                                            initializer=_lower_priority)
+        self.colocated = bool(getattr(self.backend, "colocated", False))
+        self.batch_size = int(getattr(self.backend, "max_concurrency", 0) or worker.max_batch_samples)
+        self.left_in_batch: dict[int, int] = {}  # jobs of each take (batch number) still generating
+        self.num_batches_back = 0  # takes whose jobs are all back since the last reward call
+        self._num_takes = 0
 
     async def run(self) -> None:
-        try:
-            await self._run()
-        finally:
-            self.scorer.shutdown(wait=False)  # an abandoned reward call finishes in its thread
-
-    async def _run(self) -> None:
         worker = self.worker
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._score_loop)
@@ -94,17 +88,26 @@ class _Pipeline:
                     continue
                 batch = take_batch(worker.queue, max_jobs=worker.settings.max_batch_jobs, max_samples=room)
                 worker.notify()  # room for intake
-                for held in await worker.answer_expired(batch):
+                batch = await worker.answer_expired(batch)
+                if not batch:
+                    continue
+                self._num_takes += 1
+                self.left_in_batch[self._num_takes] = len(batch)
+                for held in batch:
                     worker.in_flight = [*worker.in_flight, held]
                     self.num_generating += 1
-                    tg.start_soon(self._generate, held, self.clock.change(held.job.num_samples))
+                    tg.start_soon(self._generate, held, self._num_takes, self.clock.change(held.job.num_samples))
             self._signal()  # the score loop ends once nothing is left in flight
 
-    async def _generate(self, held: HeldJob, clock_at_start: float) -> None:
+    async def _generate(self, held: HeldJob, take: int, clock_at_start: float) -> None:
         try:
             outcome = await _outcome(self.backend.submit(held.job))
         finally:
             self.num_generating -= 1
+            self.left_in_batch[take] -= 1
+            if not self.left_in_batch[take]:
+                del self.left_in_batch[take]
+                self.num_batches_back += 1
             generate_s = held.job.num_samples * (self.clock.change(-held.job.num_samples) - clock_at_start)
             self.worker.notify()  # room for the next job
         self.finished.append((held, outcome, generate_s))
@@ -114,16 +117,18 @@ class _Pipeline:
         """Score + publish whatever finished, in one reward call, until stopped with nothing in flight."""
         worker = self.worker
         while True:
-            if not self.finished:
-                if worker.stopping and self.num_generating == 0:
+            if not self._ready_to_score():
+                if not self.finished and worker.stopping and self.num_generating == 0:
                     return
                 event = self.finished_changed
                 await event.wait()
                 continue
             done, self.finished = self.finished, []
+            self.num_batches_back = 0
             try:
-                replies = await asyncio.wrap_future(self.scorer.submit(
-                    _replies_in_thread, worker, [(h.job, outcome, s) for h, outcome, s in done]))
+                replies = await anyio.to_thread.run_sync(_replies_in_thread, worker,
+                                                         [(h.job, outcome, s) for h, outcome, s in done],
+                                                         abandon_on_cancel=True)
                 published = [(h.entry_id, h.job, reply) for (h, _, _), reply in zip(done, replies) if reply is not None]
                 worker.stats.num_batches += 1
                 worker.stats.max_batch_jobs = max(worker.stats.max_batch_jobs, len(done))
@@ -133,6 +138,13 @@ class _Pipeline:
                 gone = {id(h) for h, _, _ in done}
                 worker.in_flight = [h for h in worker.in_flight if id(h) not in gone]
                 worker.notify()
+
+    def _ready_to_score(self) -> bool:
+        if not self.finished:
+            return False
+        if not self.colocated or self.num_generating == 0 or self.num_batches_back:
+            return True
+        return sum(h.job.num_samples for h, _, _ in self.finished) >= self.batch_size
 
     def _signal(self) -> None:
         self.finished_changed.set()
@@ -154,16 +166,6 @@ async def _outcome(future: Any) -> Any:
         raise
     except Exception as e:  # noqa: BLE001 - answered as that job's error by the backend's replies()
         return e
-
-
-def _lower_priority() -> None:
-    """In the scoring thread: nice it (Linux: per thread; the torch threads it starts inherit it)."""
-    if SCORING_NICE <= 0 or not hasattr(os, "setpriority"):
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SCORING_NICE)
-    except OSError as e:
-        logger.info("could not lower the scoring thread's priority: %s", e)
 
 
 def _replies_in_thread(worker: Worker, done: list[tuple[Job, Any, float]]) -> list[SampleSet | None]:
