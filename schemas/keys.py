@@ -196,9 +196,11 @@ class Keys:
         """SET NX marker: the request has been answered (exactly one result per request_id)."""
         return self._request_key(request_id, "answered")
 
-    def fingerprint(self, request_id: str) -> str:
-        """The request's fingerprint (schemas.tenancy), kept for the idempotency window: conflicts are 409."""
-        return self._request_key(request_id, "fingerprint")
+    def fingerprints(self, window_s: int, window: int) -> str:
+        """Hash request_id -> fingerprint (schemas.tenancy) of the requests accepted in one idempotency
+        window (submit time // ``window_s``), in the pinned shard; the same id with another fingerprint
+        is a conflict (409). The submit script reads this window's hash and the one before."""
+        return self._key("fingerprints", str(window_s), str(window))
 
     def cancelled(self, request_id: str) -> str:
         """Marker: the request was cancelled; schedulers and workers drop its work when they see it."""

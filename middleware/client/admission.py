@@ -8,9 +8,19 @@ alone (the script is atomic, so nothing runs in between). For each request it:
   budgeted by its unanswered requests (``RATE_LIMITED``, ``SAMPLES_LIMITED``);
 - checks ``max_pending`` (``OVERLOADED``): the cut inside a chunk is exact, since the pending count
   is kept as it grows;
-- else ZADDs the request to the pending set, XADDs it to the requests stream, keeps its fingerprint
-  for the idempotency window, and counts it against the tenant's quotas (``ACCEPTED``).
-The per-request items come as one msgpack blob (``cmsgpack``): one argument to pack, not four.
+- else XADDs it to the requests stream, adds it to the pending set, keeps its fingerprint for the
+  idempotency window, and counts it against the tenant's quotas (``ACCEPTED``).
+
+Redis's one thread is what bounds ingest, so the common case (new ids) costs one XADD per request and
+a few bulk calls per chunk: fingerprints live in one hash per idempotency window and shard
+(``keys.fingerprints``; an id is looked up in this window's hash and the one before, so it stays
+bound for one to two windows), read with one HMGET and written with one HSET; the pending set gets
+one ZADD. Only an id seen before and no longer pending needs its answered marker: a call without
+markers answers it ``RECHECK`` and the client asks again for those ids with their markers (a retry
+of an answered request costs a second round trip; a new id never does). The per-request items come
+as one msgpack blob (``cmsgpack``): one argument to pack, not four. Ids the client has just made
+(plain prompts) are not looked up on a first attempt: 128 random bits were never seen before; a
+resend after a lost reply looks them up like any other.
 
 ``CANCEL_LUA`` answers a pending request ``cancelled`` with the same exactly-once marker the
 scheduler's answer script sets, and leaves a ``cancelled`` marker that schedulers and workers poll.
@@ -20,28 +30,57 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-# KEYS: pending zset, requests stream, rate counter, tenant samples hash; then per request i (from 0):
-#       answered marker (5 + 2i), fingerprint (6 + 2i).
-# ARGV: max_pending, now_ms, fingerprint_ttl_s, max_per_minute (0: no quota), max_samples_in_flight (0: no
-#       quota), seconds left in the minute, then msgpack [request_id, payload, fingerprint, samples, ...].
+# KEYS: pending zset, requests stream, rate counter, tenant samples hash, fingerprints of this idempotency
+#       window and of the one before (keys.fingerprints); on a recheck call only, per request i (from 0):
+#       its answered marker (7 + i).
+# ARGV: max_pending, now_ms, seconds this window's fingerprints key lives, max_per_minute (0: no quota),
+#       max_samples_in_flight (0: no quota), seconds left in the minute, then msgpack [request_id, payload,
+#       fingerprint, samples, ...], then '1' when every id was made by the client for this very call.
 # Returns {status, num_pending, detail} per request, flat: detail is the oldest pending submit time (ms)
 # when OVERLOADED, the seconds to wait when RATE_LIMITED, else 0.
 SUBMIT_LUA = """
 local items = cmsgpack.unpack(ARGV[7])
-local max_pending, now_ms, ttl_s = tonumber(ARGV[1]), ARGV[2], ARGV[3]
+local num_items = #items / 4
+local max_pending, now_ms = tonumber(ARGV[1]), ARGV[2]
 local max_per_minute, max_samples = tonumber(ARGV[4]), tonumber(ARGV[5])
+local with_markers = #KEYS > 6
+local SLICE = 1000  -- arguments per bulk call: Lua's unpack() has a stack limit
+local function bulk_read(command, key, args)
+  local out = {}
+  for first = 1, #args, SLICE do
+    local part = redis.call(command, key, unpack(args, first, math.min(first + SLICE - 1, #args)))
+    for j = 1, #part do out[first + j - 1] = part[j] end
+  end
+  return out
+end
+local function bulk_write(command, key, args)
+  for first = 1, #args, 2 * SLICE do
+    redis.call(command, key, unpack(args, first, math.min(first + 2 * SLICE - 1, #args)))
+  end
+end
+local ids = {}
+for i = 1, num_items do ids[i] = items[4 * i - 3] end
+local recent, older = {}, {}
+if ARGV[8] ~= '1' then  -- '1': every id is new, made by the client for this call (no retry): nothing to look up
+  recent, older = bulk_read('HMGET', KEYS[5], ids), bulk_read('HMGET', KEYS[6], ids)
+end
 local num_pending = redis.call('ZCARD', KEYS[1])
 local rate, in_flight, oldest
 local num_counted = 0
+local taken = {}  -- fingerprints of the ids accepted by this call
+local new_pending, new_fingerprints = {}, {}
 local out = {}
-for i = 0, #items / 4 - 1 do
-  local rid, fp = items[4 * i + 1], items[4 * i + 3]
-  local claim_key, fp_key = KEYS[5 + 2 * i], KEYS[6 + 2 * i]
+for i = 0, num_items - 1 do
+  local rid, fp = ids[i + 1], items[4 * i + 3]
   local status, pending, detail = 1, num_pending, 0
-  local stored = redis.call('GET', fp_key)
+  local stored = taken[rid] or recent[i + 1] or older[i + 1]
   if stored and stored ~= fp then
     status, pending = 3, 0
-  elseif redis.call('ZSCORE', KEYS[1], rid) or redis.call('EXISTS', claim_key) == 1 then
+  elseif stored and (taken[rid] or redis.call('ZSCORE', KEYS[1], rid)) then
+    status = 2
+  elseif stored and not with_markers then
+    status = 6  -- known id, no longer pending: answered or gone; the caller asks again with the markers
+  elseif stored and redis.call('EXISTS', KEYS[7 + i]) == 1 then
     status = 2
   else
     local samples = tonumber(items[4 * i + 4])
@@ -62,9 +101,10 @@ for i = 0, #items / 4 - 1 do
       status, detail = 0, oldest
     end
     if status == 1 then
-      redis.call('ZADD', KEYS[1], now_ms, rid)
       redis.call('XADD', KEYS[2], '*', 'm', items[4 * i + 2])
-      redis.call('SET', fp_key, fp, 'EX', ttl_s)
+      taken[rid] = fp
+      new_pending[#new_pending + 1], new_pending[#new_pending + 2] = now_ms, rid
+      new_fingerprints[#new_fingerprints + 1], new_fingerprints[#new_fingerprints + 2] = rid, fp
       num_pending = num_pending + 1
       pending = num_pending
       if max_per_minute > 0 then
@@ -78,12 +118,18 @@ for i = 0, #items / 4 - 1 do
   end
   out[3 * i + 1], out[3 * i + 2], out[3 * i + 3] = status, pending, detail
 end
+if #new_pending > 0 then
+  bulk_write('ZADD', KEYS[1], new_pending)
+  bulk_write('HSET', KEYS[5], new_fingerprints)
+  redis.call('EXPIRE', KEYS[5], ARGV[3])
+end
 if num_counted > 0 then
   redis.call('INCRBY', KEYS[3], num_counted)
   redis.call('EXPIRE', KEYS[3], 120)
 end
 return out
 """
+
 
 # KEYS: answered marker, result, events, pending zset, kept samples, cancelled marker, tenant samples hash.
 # ARGV: request_id, encoded result, encoded terminal event, ttl_s.
@@ -116,6 +162,7 @@ class SubmitStatus(IntEnum):
     CONFLICT = 3  # the id is taken by a different request
     RATE_LIMITED = 4  # the tenant's requests-per-minute quota
     SAMPLES_LIMITED = 5  # the tenant's samples-in-flight quota
+    RECHECK = 6  # seen before, no longer pending: decided by a second call that passes the answered markers
 
 
 #: Replies after which the request is queued (the caller gets its id back).

@@ -8,6 +8,7 @@ chunk is sent, then encoded chunk by chunk (``middleware.client.wire_form``).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from schemas.topology import WAIT_TIMEOUT_MS, check_replicas
 
 __all__ = ["Quota", "Submitting"]
 
+ENCODE_PIECE = 50  # requests encoded between yields to the event loop while a chunk is in flight
 MODELS_CACHE_S = 1.0  # how stale the view of live workers' models may be
 SUBMIT_SHA = hashlib.sha1(SUBMIT_LUA.encode()).hexdigest()  # EVALSHA first; SCRIPT LOAD only when Redis lacks it
 
@@ -84,8 +86,7 @@ class Submitting:
         """Queue a built request (``build_request``); returns the caller's id."""
         batch = WireBatch([request], tenant=self.tenant, default_budget=self.default_budget, trace_fields={})
         await self._check_routes(batch.routes)
-        calls = self._submit_calls(batch.encode(0, 1))
-        replies = await self._with_reconnect(lambda: self._send(calls))
+        replies = await self._admit(batch.encode(0, 1))
         self._check_submit_reply(replies[0], replies[1], replies[2], batch.caller_ids[0])
         return batch.caller_ids[0]
 
@@ -105,30 +106,67 @@ class Submitting:
         submitted_ids: list[str] = []
         rejected_ids: list[str] = []
         overloaded: Overloaded | None = None
-        for start in range(0, len(batch), size):
-            if overloaded is not None:
-                rejected_ids.extend(batch.caller_ids[start:])
-                break
-            calls = self._submit_calls(batch.encode(start, start + size))
-            replies = await self._with_reconnect(lambda calls=calls: self._send(calls))
-            caller_ids = batch.caller_ids[start:start + size]
-            if set(replies[0::3]) <= QUEUED_SUBMIT_STATUSES:  # the usual case: every item queued
-                submitted_ids += caller_ids
-            else:
-                for position, caller_id in enumerate(caller_ids):
-                    try:
-                        status, num_pending, detail = replies[3 * position:3 * position + 3]
-                        self._check_submit_reply(status, num_pending, detail, caller_id)
-                    except Overloaded as e:  # counted per shard: another shard's items may still fit
-                        overloaded = overloaded or e
-                        rejected_ids.append(caller_id)
-                        continue
-                    submitted_ids.append(caller_id)
+        in_flight: asyncio.Task[list[int]] | None = None
+        try:
+            # Chunk k+1 is encoded while chunk k is in Redis, and sent only once k's replies are read.
+            chunk = batch.encode(0, size)
+            for start in range(0, len(batch), size):
+                if overloaded is not None:
+                    rejected_ids.extend(batch.caller_ids[start:])
+                    break
+                in_flight = asyncio.ensure_future(self._admit(chunk))
+                chunk = []
+                for piece in range(start + size, start + 2 * size, ENCODE_PIECE):
+                    # yield between pieces: the event loop flushes the socket as the kernel takes it
+                    await asyncio.sleep(0)
+                    chunk += batch.encode(piece, min(piece + ENCODE_PIECE, start + 2 * size))
+                replies, in_flight = await in_flight, None
+                overloaded = self._take_replies(replies, batch.caller_ids[start:start + size], submitted_ids,
+                                                rejected_ids, overloaded)
+        finally:
+            if in_flight is not None:  # encoding failed or we were cancelled: never leave a send behind
+                in_flight.cancel()
         if overloaded is not None:
             overloaded.submitted_ids = submitted_ids
             overloaded.rejected_ids = rejected_ids
             raise overloaded
         return submitted_ids
+
+    def _take_replies(self, replies: list[int], caller_ids: list[str], submitted_ids: list[str],
+                      rejected_ids: list[str], overloaded: Overloaded | None) -> Overloaded | None:
+        """Sort one chunk's ids into submitted and rejected; the first Overloaded so far is returned."""
+        if set(replies[0::3]) <= QUEUED_SUBMIT_STATUSES:  # the usual case: every item queued
+            submitted_ids += caller_ids
+            return overloaded
+        for position, caller_id in enumerate(caller_ids):
+            try:
+                status, num_pending, detail = replies[3 * position:3 * position + 3]
+                self._check_submit_reply(status, num_pending, detail, caller_id)
+            except Overloaded as e:  # counted per shard: another shard's items may still fit
+                overloaded = overloaded or e
+                rejected_ids.append(caller_id)
+                continue
+            submitted_ids.append(caller_id)
+        return overloaded
+
+    async def _admit(self, chunk: list[WireRequest]) -> list[int]:
+        """SUBMIT_LUA over ``chunk``: (status, num_pending, detail) per item, flat. Ids seen before and no
+        longer pending (RECHECK) are decided by a second call that passes their answered markers."""
+        attempts = 0
+
+        def first_calls() -> list[_ScriptCall]:  # a resend after a lost reply looks every id up
+            nonlocal attempts
+            attempts += 1
+            return self._submit_calls(chunk, first_attempt=attempts == 1)
+
+        replies = await self._with_reconnect(lambda: self._send(first_calls()))
+        recheck = [index for index, status in enumerate(replies[0::3]) if status == SubmitStatus.RECHECK]
+        if recheck:
+            calls = self._submit_calls([chunk[index] for index in recheck], with_markers=True)
+            second = await self._with_reconnect(lambda: self._send(calls))
+            for position, index in enumerate(recheck):
+                replies[3 * index:3 * index + 3] = second[3 * position:3 * position + 3]
+        return replies
 
     async def _send(self, calls: list[_ScriptCall]) -> list[int]:
         """The calls pipelined on one connection: (status, num_pending, detail) of each item, flat, in chunk order."""
@@ -142,7 +180,8 @@ class Submitting:
             check_replicas(int(replies.pop()), self.min_replicas)  # short: retried, accepted ones are duplicates
         if any(isinstance(reply, NoScriptError) for reply in replies):  # a new Redis, SCRIPT FLUSH or a restart
             await self._redis.script_load(SUBMIT_LUA)
-            return await self._send(calls)  # idempotent: accepted items are duplicates now
+            # idempotent: items another node accepted are duplicates now, so every id is looked up
+            return await self._send([call._replace(args=[*call.args[:-1], "0"]) for call in calls])
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
@@ -154,30 +193,43 @@ class Submitting:
                 flat[3 * index:3 * index + 3] = reply[3 * position:3 * position + 3]
         return flat
 
-    def _submit_calls(self, chunk: list[WireRequest]) -> list[_ScriptCall]:
-        """SUBMIT_LUA's calls for ``chunk``: one per shard, every key in that shard's hash slot."""
+    def _submit_calls(self, chunk: list[WireRequest], *, with_markers: bool = False,
+                      first_attempt: bool = False) -> list[_ScriptCall]:
+        """SUBMIT_LUA's calls for ``chunk``: one per shard, every key in that shard's hash slot; the
+        requests' answered markers only ``with_markers`` (a recheck). On a ``first_attempt``, a call whose
+        ids are all fresh (made by this client) skips the fingerprint lookup."""
         if not chunk:
             return []
-        by_shard: dict[int, list[int]] = {}
-        for index, wire in enumerate(chunk):
-            by_shard.setdefault(self.keys.shard_of(wire.wire_id), []).append(index)
+        num_shards = self.keys.num_shards
+        by_shard: dict[int, list[int]] = {0: list(range(len(chunk)))} if num_shards == 1 else {}
+        if num_shards > 1:
+            for index, wire in enumerate(chunk):
+                by_shard.setdefault(self.keys.shard_of(wire.wire_id), []).append(index)
         now_s = time.time()
         tenant = self.tenant or ""
+        # Fingerprints go to one hash per idempotency window; it lives to the end of the next window,
+        # so every id stays bound for at least idempotency_ttl_s (and less than twice that).
+        window_s = self.idempotency_ttl_s
+        window = int(now_s) // window_s
         # Backpressure and quotas are counted per shard: each shard admits its 1/S share of the limits.
-        limits = [self._per_shard(self.max_pending), int(now_s * 1000), self.idempotency_ttl_s,
+        limits = [self._per_shard(self.max_pending), int(now_s * 1000), (window + 2) * window_s - int(now_s),
                   self._per_shard(self.quota.max_requests_per_minute), self._per_shard(self.quota.max_samples_in_flight),
                   60 - int(now_s) % 60]
         calls = []
         for shard, indexes in by_shard.items():
             keys = self.keys.for_shard(shard)
             names = [keys.pending_requests, keys.requests, keys.quota_rate(tenant, int(now_s // 60)),
-                     keys.quota_samples(tenant)]
+                     keys.quota_samples(tenant), keys.fingerprints(window_s, window), keys.fingerprints(window_s, window - 1)]
+            if with_markers:
+                names += [keys.request_claim(chunk[index].wire_id) for index in indexes]
             items: list[Any] = []
+            all_fresh = first_attempt
             for index in indexes:
                 wire = chunk[index]
-                names += (keys.request_claim(wire.wire_id), keys.fingerprint(wire.wire_id))
                 items += (wire.wire_id, wire.payload, wire.fingerprint, wire.samples)
-            calls.append(_ScriptCall(indexes, names, [*limits, msgpack.packb(items, use_bin_type=False)]))
+                all_fresh = all_fresh and wire.fresh
+            calls.append(_ScriptCall(indexes, names, [*limits, msgpack.packb(items, use_bin_type=False),
+                                                      "1" if all_fresh else "0"]))
         return calls  # cmsgpack (in Redis) reads no bin type: payloads go as raw strings
 
     def _per_shard(self, limit: int) -> int:

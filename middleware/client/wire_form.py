@@ -48,6 +48,7 @@ class WireRequest(NamedTuple):
     samples: int  # counted against the tenant's samples quota
     model: str | None
     method: str
+    fresh: bool = False  # its id was made by this client just now (a plain prompt): never seen by Redis
 
 
 def new_request_ids(count: int) -> list[str]:
@@ -160,7 +161,7 @@ class WireBatch:
                 wires.append(self._encoded[index])
                 continue
             wire_id = self.wire_ids[index]
-            wires.append(WireRequest(wire_id, *template.wire_form(prompt, wire_id), samples, model, method))
+            wires.append(WireRequest(wire_id, *template.wire_form(prompt, wire_id), samples, model, method, True))
         return wires
 
     def _wire_request(self, fields: dict[str, Any], payload: bytes, fingerprint: str) -> WireRequest:

@@ -27,7 +27,7 @@ def slots_of_one_request(keys: Keys, request_id: str) -> set[int]:
     """Every name the submit, answer and cancel scripts and the worker's reply transaction touch."""
     shard = keys.for_request(request_id)
     names = [shard.pending_requests, shard.requests, shard.request_stream(Lane.HIGH), shard.request_claim(request_id),
-             shard.fingerprint(request_id), shard.quota_rate("t", 1), shard.quota_samples("t"),
+             shard.fingerprints(86_400, 1), shard.quota_rate("t", 1), shard.quota_samples("t"),
              shard.result(request_id), shard.events(request_id), shard.kept_samples(request_id),
              shard.cancelled(request_id), shard.samples("sched-1"), shard.job_stream("m", Lane.LOW),
              shard.jobs, shard.dead_letters]
