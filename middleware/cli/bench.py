@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import signal
+from typing import Any
 
 BENCHES = {
     "allocation": "AdaBoN allocators vs uniform on response pools (the paper's protocol)",
@@ -30,4 +32,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         module = importlib.import_module(module_name)
         parser = verbs.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(parser)
-        parser.set_defaults(func=module.run)
+        parser.set_defaults(func=_stopped_by_sigterm_too(module.run))
+
+
+def _stopped_by_sigterm_too(run: Any) -> Any:
+    """``run`` with SIGTERM raising KeyboardInterrupt like Ctrl-C, so a killed bench stops the scheduler
+    and worker processes it started (its launcher's shutdown) instead of leaving them running."""
+
+    def run_bench(args: argparse.Namespace) -> int:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        return int(run(args))
+
+    return run_bench

@@ -37,7 +37,8 @@ from enum import IntEnum
 #       max_samples_in_flight (0: no quota), seconds left in the minute, then msgpack [request_id, payload,
 #       fingerprint, samples, ...], then '1' when every id was made by the client for this very call.
 # Returns {status, num_pending, detail} per request, flat: detail is the oldest pending submit time (ms)
-# when OVERLOADED, the seconds to wait when RATE_LIMITED, else 0.
+# when OVERLOADED, the seconds to wait when RATE_LIMITED, else 0; when every request is queued (ACCEPTED
+# or DUPLICATE), only the pending count.
 SUBMIT_LUA = """
 local items = cmsgpack.unpack(ARGV[7])
 local num_items = #items / 4
@@ -58,22 +59,23 @@ local function bulk_write(command, key, args)
     redis.call(command, key, unpack(args, first, math.min(first + 2 * SLICE - 1, #args)))
   end
 end
-local ids = {}
-for i = 1, num_items do ids[i] = items[4 * i - 3] end
+local fresh = ARGV[8] == '1'  -- every id is new, made by the client for this call (no retry): nothing to look up
 local recent, older = {}, {}
-if ARGV[8] ~= '1' then  -- '1': every id is new, made by the client for this call (no retry): nothing to look up
+if not fresh then
+  local ids = {}
+  for i = 1, num_items do ids[i] = items[4 * i - 3] end
   recent, older = bulk_read('HMGET', KEYS[5], ids), bulk_read('HMGET', KEYS[6], ids)
 end
 local num_pending = redis.call('ZCARD', KEYS[1])
 local rate, in_flight, oldest
 local num_counted = 0
 local taken = {}  -- fingerprints of the ids accepted by this call
-local new_pending, new_fingerprints = {}, {}
-local out = {}
+local new_pending, new_fingerprints, num_new = {}, {}, 0
+local out, all_queued = {}, true
 for i = 0, num_items - 1 do
-  local rid, fp = ids[i + 1], items[4 * i + 3]
+  local rid, fp = items[4 * i + 1], items[4 * i + 3]
   local status, pending, detail = 1, num_pending, 0
-  local stored = taken[rid] or recent[i + 1] or older[i + 1]
+  local stored = not fresh and (taken[rid] or recent[i + 1] or older[i + 1])
   if stored and stored ~= fp then
     status, pending = 3, 0
   elseif stored and (taken[rid] or redis.call('ZSCORE', KEYS[1], rid)) then
@@ -83,7 +85,6 @@ for i = 0, num_items - 1 do
   elseif stored and redis.call('EXISTS', KEYS[7 + i]) == 1 then
     status = 2
   else
-    local samples = tonumber(items[4 * i + 4])
     if max_per_minute > 0 then
       rate = rate or tonumber(redis.call('GET', KEYS[3]) or '0')
       if rate >= max_per_minute then status, detail = 4, tonumber(ARGV[6]) end
@@ -93,7 +94,7 @@ for i = 0, num_items - 1 do
         in_flight = 0
         for _, value in ipairs(redis.call('HVALS', KEYS[4])) do in_flight = in_flight + tonumber(value) end
       end
-      if in_flight + samples > max_samples then status = 5 end
+      if in_flight + tonumber(items[4 * i + 4]) > max_samples then status = 5 end
     end
     if status == 1 and num_pending >= max_pending then
       -- nothing is added after the first refusal here, so the oldest stays the oldest
@@ -102,23 +103,26 @@ for i = 0, num_items - 1 do
     end
     if status == 1 then
       redis.call('XADD', KEYS[2], '*', 'm', items[4 * i + 2])
-      taken[rid] = fp
-      new_pending[#new_pending + 1], new_pending[#new_pending + 2] = now_ms, rid
-      new_fingerprints[#new_fingerprints + 1], new_fingerprints[#new_fingerprints + 2] = rid, fp
+      if not fresh then taken[rid] = fp end
+      new_pending[2 * num_new + 1], new_pending[2 * num_new + 2] = now_ms, rid
+      new_fingerprints[2 * num_new + 1], new_fingerprints[2 * num_new + 2] = rid, fp
+      num_new = num_new + 1
       num_pending = num_pending + 1
       pending = num_pending
       if max_per_minute > 0 then
         rate, num_counted = rate + 1, num_counted + 1
       end
       if max_samples > 0 then
+        local samples = tonumber(items[4 * i + 4])
         in_flight = in_flight - tonumber(redis.call('HGET', KEYS[4], rid) or '0') + samples
         redis.call('HSET', KEYS[4], rid, samples)
       end
     end
   end
+  all_queued = all_queued and (status == 1 or status == 2)
   out[3 * i + 1], out[3 * i + 2], out[3 * i + 3] = status, pending, detail
 end
-if #new_pending > 0 then
+if num_new > 0 then
   bulk_write('ZADD', KEYS[1], new_pending)
   bulk_write('HSET', KEYS[5], new_fingerprints)
   redis.call('EXPIRE', KEYS[5], ARGV[3])
@@ -127,6 +131,7 @@ if num_counted > 0 then
   redis.call('INCRBY', KEYS[3], num_counted)
   redis.call('EXPIRE', KEYS[3], 120)
 end
+if all_queued then return num_pending end
 return out
 """
 

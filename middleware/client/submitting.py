@@ -9,10 +9,12 @@ chunk is sent, then encoded chunk by chunk (``middleware.client.wire_form``).
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import hashlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import msgpack
@@ -26,14 +28,17 @@ from middleware.client.admission import (
 )
 from middleware.client.building import build_request, caller_trace_fields
 from middleware.client.models import ServedModel, check_route, served_models
+from middleware.client.ordered_channel import OrderedChannel
 from middleware.client.wire_form import WireBatch, WireRequest
 from middleware.errors import Conflict, Overloaded, QuotaExceeded
 from schemas import AlignRequest, Keys, Method, now_ms
 from schemas.topology import WAIT_TIMEOUT_MS, check_replicas
+from schemas.transport import REDIS_ERRORS
 
 __all__ = ["Quota", "Submitting"]
 
-ENCODE_PIECE = 50  # requests encoded between yields to the event loop while a chunk is in flight
+CHUNKS_IN_FLIGHT = 2  # submit_many's chunks sent ahead of their replies (each admitted atomically, in order)
+ENCODE_PIECE = 50  # requests encoded between yields to the event loop while chunks are in flight
 MODELS_CACHE_S = 1.0  # how stale the view of live workers' models may be
 SUBMIT_SHA = hashlib.sha1(SUBMIT_LUA.encode()).hexdigest()  # EVALSHA first; SCRIPT LOAD only when Redis lacks it
 
@@ -44,6 +49,32 @@ class Quota:
 
     max_requests_per_minute: int = 0
     max_samples_in_flight: int = 0
+
+
+async def _encode_yielding(batch: WireBatch, start: int, stop: int) -> list[WireRequest]:
+    """``batch.encode(start, stop)`` in pieces, yielding between them: the event loop writes the chunks in
+    flight to the socket as the kernel takes them and reads their replies."""
+    chunk: list[WireRequest] = []
+    for piece in range(start, min(stop, len(batch)), ENCODE_PIECE):
+        await asyncio.sleep(0)
+        chunk += batch.encode(piece, min(piece + ENCODE_PIECE, stop))
+    return chunk
+
+
+@dataclass
+class _Outcome:
+    """What ``submit_many`` has learnt so far, in input order."""
+
+    submitted_ids: list[str] = field(default_factory=list)
+    rejected_ids: list[str] = field(default_factory=list)
+    overloaded: Overloaded | None = None
+
+
+class _SentChunk(NamedTuple):
+    start: int  # the chunk's first position in the batch
+    chunk: list[WireRequest]
+    calls: list[_ScriptCall]  # written on the ordered channel (task None)
+    task: asyncio.Future[list[int]] | None  # or admitted by this task, on a pooled connection
 
 
 class _ScriptCall(NamedTuple):
@@ -94,72 +125,114 @@ class Submitting:
         """Queue many prompts, one round trip (one script call per shard) per ``submit_chunk_size`` items.
 
         Items are prompts, dicts of AlignRequest fields (with ``prompt``), or AlignRequests. All are
-        validated before anything is sent. If the queue fills up, the chunk in flight completes and
-        no further chunk is sent; Overloaded then carries ``submitted_ids`` (accepted, they stay
-        queued) and ``rejected_ids`` (not queued), each in input order. A conflicting id raises
-        Conflict after its chunk (the items before it stay queued).
+        validated before anything is sent. Up to ``CHUNKS_IN_FLIGHT`` chunks are sent ahead of their
+        replies, each admitted atomically and in order. If the queue fills up, the chunks in flight
+        complete and no further chunk is sent; Overloaded then carries ``submitted_ids`` (accepted, they
+        stay queued) and ``rejected_ids`` (not queued), each in input order. A conflicting id raises
+        Conflict once the chunks in flight are back (the items before it stay queued; those after it
+        in flight may be queued too, and a retry of the batch finds them as duplicates).
         """
         batch = WireBatch(items, tenant=self.tenant, default_budget=self.default_budget,
                           trace_fields=caller_trace_fields())
         await self._check_routes(batch.routes)
-        size = self.submit_chunk_size
-        submitted_ids: list[str] = []
-        rejected_ids: list[str] = []
-        overloaded: Overloaded | None = None
-        in_flight: asyncio.Task[list[int]] | None = None
-        try:
-            # Chunk k+1 is encoded while chunk k is in Redis, and sent only once k's replies are read.
-            chunk = batch.encode(0, size)
-            for start in range(0, len(batch), size):
-                if overloaded is not None:
-                    rejected_ids.extend(batch.caller_ids[start:])
-                    break
-                in_flight = asyncio.ensure_future(self._admit(chunk))
-                chunk = []
-                for piece in range(start + size, start + 2 * size, ENCODE_PIECE):
-                    # yield between pieces: the event loop flushes the socket as the kernel takes it
-                    await asyncio.sleep(0)
-                    chunk += batch.encode(piece, min(piece + ENCODE_PIECE, start + 2 * size))
-                replies, in_flight = await in_flight, None
-                overloaded = self._take_replies(replies, batch.caller_ids[start:start + size], submitted_ids,
-                                                rejected_ids, overloaded)
-        finally:
-            if in_flight is not None:  # encoding failed or we were cancelled: never leave a send behind
-                in_flight.cancel()
-        if overloaded is not None:
-            overloaded.submitted_ids = submitted_ids
-            overloaded.rejected_ids = rejected_ids
-            raise overloaded
-        return submitted_ids
+        outcome = _Outcome()
+        async with OrderedChannel.open(self._redis) as channel:
+            await self._submit_chunks(batch, channel, outcome)
+        if outcome.overloaded is not None:
+            outcome.overloaded.submitted_ids = outcome.submitted_ids
+            outcome.overloaded.rejected_ids = outcome.rejected_ids
+            raise outcome.overloaded
+        return outcome.submitted_ids
 
-    def _take_replies(self, replies: list[int], caller_ids: list[str], submitted_ids: list[str],
-                      rejected_ids: list[str], overloaded: Overloaded | None) -> Overloaded | None:
-        """Sort one chunk's ids into submitted and rejected; the first Overloaded so far is returned."""
+    async def _submit_chunks(self, batch: WireBatch, channel: OrderedChannel | None, outcome: _Outcome) -> None:
+        """Send ``batch`` chunk by chunk: on ``channel``, CHUNKS_IN_FLIGHT chunks ahead of their replies
+        (the next one encoded meanwhile); without one, one chunk at a time, the next encoded while it is out."""
+        size = self.submit_chunk_size
+        in_flight: collections.deque[_SentChunk] = collections.deque()
+        chunk, next_start = batch.encode(0, size), 0
+        try:
+            while in_flight or (outcome.overloaded is None and next_start < len(batch)):
+                depth = CHUNKS_IN_FLIGHT if channel is not None and not channel.broken else 1
+                while outcome.overloaded is None and next_start < len(batch) and len(in_flight) < depth:
+                    in_flight.append(await self._send_chunk(next_start, chunk, channel))
+                    next_start += size
+                    chunk = await _encode_yielding(batch, next_start, next_start + size)
+                sent = in_flight.popleft()
+                replies = await self._chunk_replies(sent, channel)
+                try:
+                    self._take_replies(replies, batch.caller_ids[sent.start:sent.start + size], outcome)
+                except Conflict:  # raised once the chunks sent after it are back: none is left half-known
+                    for later in in_flight:
+                        await self._chunk_replies(later, channel)
+                    in_flight.clear()
+                    raise
+            outcome.rejected_ids.extend(batch.caller_ids[next_start:])  # never sent: the queue was full
+        finally:
+            for sent in in_flight:  # encoding failed or we were cancelled: leave no send behind
+                if sent.task is not None:
+                    sent.task.cancel()
+
+    async def _send_chunk(self, start: int, chunk: list[WireRequest], channel: OrderedChannel | None) -> _SentChunk:
+        if channel is None or channel.broken:  # the whole admission as a task: encoding goes on meanwhile
+            return _SentChunk(start, chunk, [], asyncio.ensure_future(self._admit(chunk)))
+        calls = self._submit_calls(chunk, first_attempt=True)
+        with contextlib.suppress(*REDIS_ERRORS):  # the channel is broken now: the chunk is sent again
+            await channel.send(self._commands(calls))
+        return _SentChunk(start, chunk, calls, None)
+
+    async def _chunk_replies(self, sent: _SentChunk, channel: OrderedChannel | None) -> list[int]:
+        """(status, num_pending, detail) per item of a chunk sent by ``_send_chunk``, flat."""
+        if sent.task is not None:
+            return await sent.task
+        assert channel is not None
+        if not channel.broken:
+            try:
+                raw = await channel.read(len(sent.calls) + (self.min_replicas > 0))
+                if not any(isinstance(reply, NoScriptError) for reply in raw):
+                    return await self._recheck(sent.chunk, await self._after_send(sent.calls, raw))
+                # Redis lost its scripts (a restart, SCRIPT FLUSH): this chunk and those sent after it on the
+                # channel are sent again one by one, in order, so no later chunk is admitted before them
+                channel.broken = True
+            except REDIS_ERRORS:
+                pass
+        # lost with the connection (or short of replicas): sent again, every id looked up
+        return await self._admit(sent.chunk, first_attempt=False)
+
+    def _commands(self, calls: list[_ScriptCall]) -> list[tuple[Any, ...]]:
+        commands: list[tuple[Any, ...]] = [("EVALSHA", SUBMIT_SHA, len(call.keys), *call.keys, *call.args)
+                                           for call in calls]
+        if self.min_replicas > 0:  # same connection: WAIT covers every script of the chunk
+            commands.append(("WAIT", self.min_replicas, WAIT_TIMEOUT_MS))
+        return commands
+
+    def _take_replies(self, replies: list[int], caller_ids: list[str], outcome: _Outcome) -> None:
+        """Sort one chunk's ids into submitted and rejected, keeping the first Overloaded."""
         if set(replies[0::3]) <= QUEUED_SUBMIT_STATUSES:  # the usual case: every item queued
-            submitted_ids += caller_ids
-            return overloaded
+            outcome.submitted_ids += caller_ids
+            return
         for position, caller_id in enumerate(caller_ids):
             try:
                 status, num_pending, detail = replies[3 * position:3 * position + 3]
                 self._check_submit_reply(status, num_pending, detail, caller_id)
             except Overloaded as e:  # counted per shard: another shard's items may still fit
-                overloaded = overloaded or e
-                rejected_ids.append(caller_id)
+                outcome.overloaded = outcome.overloaded or e
+                outcome.rejected_ids.append(caller_id)
                 continue
-            submitted_ids.append(caller_id)
-        return overloaded
+            outcome.submitted_ids.append(caller_id)
 
-    async def _admit(self, chunk: list[WireRequest]) -> list[int]:
-        """SUBMIT_LUA over ``chunk``: (status, num_pending, detail) per item, flat. Ids seen before and no
-        longer pending (RECHECK) are decided by a second call that passes their answered markers."""
+    async def _admit(self, chunk: list[WireRequest], *, first_attempt: bool = True) -> list[int]:
+        """SUBMIT_LUA over ``chunk`` on a pooled connection: (status, num_pending, detail) per item, flat."""
         attempts = 0
 
-        def first_calls() -> list[_ScriptCall]:  # a resend after a lost reply looks every id up
+        def calls() -> list[_ScriptCall]:  # a resend after a lost reply looks every id up
             nonlocal attempts
             attempts += 1
-            return self._submit_calls(chunk, first_attempt=attempts == 1)
+            return self._submit_calls(chunk, first_attempt=first_attempt and attempts == 1)
 
-        replies = await self._with_reconnect(lambda: self._send(first_calls()))
+        return await self._recheck(chunk, await self._with_reconnect(lambda: self._send(calls())))
+
+    async def _recheck(self, chunk: list[WireRequest], replies: list[int]) -> list[int]:
+        """Ids seen before and no longer pending (RECHECK) decided by a second call with their answered markers."""
         recheck = [index for index, status in enumerate(replies[0::3]) if status == SubmitStatus.RECHECK]
         if recheck:
             calls = self._submit_calls([chunk[index] for index in recheck], with_markers=True)
@@ -176,6 +249,10 @@ class Submitting:
             if self.min_replicas > 0:  # same connection: WAIT covers every script of the chunk
                 pipe.execute_command("WAIT", self.min_replicas, WAIT_TIMEOUT_MS)
             replies = await pipe.execute(raise_on_error=False)
+        return await self._after_send(calls, replies)
+
+    async def _after_send(self, calls: list[_ScriptCall], replies: list[Any]) -> list[int]:
+        """The calls' raw replies (errors as values, WAIT's last) as (status, num_pending, detail) per item."""
         if self.min_replicas > 0 and not isinstance(replies[-1], Exception):
             check_replicas(int(replies.pop()), self.min_replicas)  # short: retried, accepted ones are duplicates
         if any(isinstance(reply, NoScriptError) for reply in replies):  # a new Redis, SCRIPT FLUSH or a restart
@@ -185,6 +262,9 @@ class Submitting:
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
+        # every item queued: the script answers only the pending count (no reply of 3 per item to build)
+        replies = [[SubmitStatus.ACCEPTED, reply, 0] * len(call.indexes) if isinstance(reply, int) else reply
+                   for call, reply in zip(calls, replies, strict=True)]
         if len(calls) == 1:
             return replies[0]
         flat = [0] * sum(3 * len(call.indexes) for call in calls)

@@ -37,6 +37,7 @@ from schemas.tenancy import (
 __all__ = ["WireBatch", "WireRequest", "needs_route_check", "new_request_ids", "wire_form"]
 
 _REQUESTS = TypeAdapter(list[AlignRequest])
+_PACK = msgpack.Packer(use_bin_type=True).pack  # one Packer: msgpack.packb builds a new one per call
 
 
 class WireRequest(NamedTuple):
@@ -94,8 +95,8 @@ class _PromptTemplate:
         self._rest_head, self._rest_tail = _split_body(rest, "request_id")
 
     def wire_form(self, prompt: str, request_id: str) -> tuple[bytes, str]:
-        kept_body = self._kept_head + msgpack.packb(prompt) + self._kept_tail
-        payload = b"".join((self._header, kept_body, self._rest_head, msgpack.packb(request_id), self._rest_tail))
+        kept_body = b"".join((self._kept_head, _PACK(prompt), self._kept_tail))
+        payload = b"".join((self._header, kept_body, self._rest_head, _PACK(request_id), self._rest_tail))
         return payload, hash_fingerprint(self._kept_header + kept_body)
 
 

@@ -73,7 +73,8 @@ async def test_submit_many_is_pipelined(redis_url: str, monkeypatch: pytest.Monk
 
     async def counting_send(self, command, check_health=True):  # type: ignore[no-untyped-def]
         nonlocal num_sends
-        num_sends += 1
+        packed = command if isinstance(command, bytes | str) else b"".join(command)
+        num_sends += b"EVALSHA" in (packed.encode() if isinstance(packed, str) else packed)  # not a new connection's setup
         return await send_packed_command(self, command, check_health)
 
     async with Client(redis_url, submit_chunk_size=500) as client:
@@ -85,11 +86,12 @@ async def test_submit_many_is_pipelined(redis_url: str, monkeypatch: pytest.Monk
         request_ids = await client.submit_many(items)
         elapsed_s = time.perf_counter() - started
         monkeypatch.undo()
-        assert num_sends <= 3  # SCRIPT LOAD + one pipelined write per chunk of 500
+        assert num_sends <= 3  # one pipelined write per chunk of 500 (+ one resend if the script was not loaded)
         assert len(request_ids) == len(set(request_ids)) == 1000
         assert await client.redis.xlen(KEYS.requests) == 1000
         assert await client.redis.zcard(KEYS.pending_requests) == 1000
         entries = await client.redis.xrange(KEYS.requests)
+        # two chunks in flight at once on one connection: admitted in input order
         assert [decode(AlignRequest, fields[PAYLOAD_FIELD]).request_id for _, fields in entries] == request_ids
         assert decode(AlignRequest, entries[998][1][PAYLOAD_FIELD]).budget == 4
         assert elapsed_s < 5

@@ -108,6 +108,36 @@ async def test_a_flushed_script_cache_is_reloaded(redis_url: str) -> None:
         assert len(await queued_ids(client)) == 4
 
 
+async def test_chunks_in_flight_keep_the_cut_in_order_when_the_script_cache_is_flushed(redis_url: str) -> None:
+    async with Client(redis_url, max_pending=5, submit_chunk_size=2) as client:
+        await client.redis.script_flush()  # every chunk written ahead of the reload gets NOSCRIPT
+        with pytest.raises(Overloaded) as excinfo:
+            await client.submit_many([AlignRequest(prompt=f"p{i}", request_id=f"r{i}") for i in range(9)])
+        assert excinfo.value.submitted_ids == [f"r{i}" for i in range(5)]
+        assert await queued_ids(client) == [f"r{i}" for i in range(5)]
+
+
+async def test_a_chunk_sent_again_after_a_lost_reply_is_not_queued_twice(redis_url: str) -> None:
+    from middleware.client.admission import SubmitStatus
+    from middleware.client.wire_form import WireBatch
+
+    async with Client(redis_url) as client:
+        batch = WireBatch([f"p{i}" for i in range(6)], tenant=None, default_budget=8, trace_fields={})
+        chunk = batch.encode(0, 6)
+        assert all(wire.fresh for wire in chunk)  # made by the client: its first attempt looks nothing up
+        first = await client._admit(chunk)
+        assert set(first[0::3]) == {SubmitStatus.ACCEPTED}
+        # the same chunk again, as after a dropped connection: every id is looked up and found pending
+        again = await client._admit(chunk, first_attempt=False)
+        assert set(again[0::3]) <= {SubmitStatus.ACCEPTED, SubmitStatus.DUPLICATE}
+        assert await client.redis.xlen(KEYS.requests) == 6 and await client.redis.zcard(KEYS.pending_requests) == 6
+        # answered meanwhile (no longer pending): a RECHECK with the answered markers finds it
+        await client.redis.zrem(KEYS.pending_requests, chunk[0].wire_id)
+        await client.redis.set(KEYS.request_claim(chunk[0].wire_id), "answered")
+        assert (await client._admit(chunk[:1], first_attempt=False))[0] == SubmitStatus.ACCEPTED  # compact: queued
+        assert await client.redis.xlen(KEYS.requests) == 6
+
+
 @pytest.mark.slow
 async def test_chunks_on_a_redis_cluster(tmp_path: pathlib.Path) -> None:
     import shutil
