@@ -78,8 +78,10 @@ for i = 0, num_items - 1 do
   local stored = not fresh and (taken[rid] or recent[i + 1] or older[i + 1])
   if stored and stored ~= fp then
     status, pending = 3, 0
-  elseif stored and (taken[rid] or redis.call('ZSCORE', KEYS[1], rid)) then
+  elseif stored and taken[rid] then
     status = 2
+  elseif not fresh and redis.call('ZSCORE', KEYS[1], rid) then
+    status = 2  -- pending (found even where its fingerprint predates these hashes)
   elseif stored and not with_markers then
     status = 6  -- known id, no longer pending: answered or gone; the caller asks again with the markers
   elseif stored and redis.call('EXISTS', KEYS[7 + i]) == 1 then

@@ -6,6 +6,7 @@ keys cleaned up), never timings: speed is what the benchmarks measure, not what 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 
@@ -118,3 +119,48 @@ def test_throughput_three_ways_on_tiny_models(
         assert connection.dbsize() == 0, "the benchmark left keys behind"
     finally:
         connection.close()
+
+
+def child_pids(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (the launcher starts its children in sessions of their own)."""
+    children = []
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.append(int(stat.parent.name))
+    return children
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_throughput_bench_stops_the_services_it_started(redis_url: str) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    bench = subprocess.Popen(
+        [sys.executable, "-c", "from middleware.cli import main; main()", "bench", "throughput", "--modes",
+         "middleware", "--num-prompts", "1", "--budget", "2", "--max-new-tokens", "2", "--threads", "1",
+         "--redis-url", redis_url, "--timeout-s", "120"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    services: list[int] = []
+    try:
+        give_up_at = time.monotonic() + 60
+        while len(child_pids(bench.pid)) < 2 and time.monotonic() < give_up_at:  # a scheduler and a worker
+            time.sleep(0.1)
+        services = child_pids(bench.pid)
+        assert len(services) >= 2
+        os.kill(bench.pid, signal.SIGTERM)
+        assert bench.wait(timeout=60) == 130  # stopped like Ctrl-C, after its launcher stopped the services
+        assert not [pid for pid in services if pathlib.Path(f"/proc/{pid}").exists()
+                    and pathlib.Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"]
+    finally:
+        bench.kill()
+        bench.wait()
+        for pid in services:  # whatever the outcome, leave no service behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
